@@ -1,0 +1,23 @@
+"""rnnkit: train, evaluate, sample from and serve recurrent sequence models (RNN, GRU, LSTM).
+
+The public surface, for use as a library::
+
+    from rnnkit import RunConfig, prepare_lm_data, train_language_model, load_checkpoint, generate
+"""
+
+__version__ = "0.1.0"
+
+from rnnkit.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from rnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config  # noqa: E402
+from rnnkit.data.lm_data import LMData, prepare_lm_data  # noqa: E402
+from rnnkit.data.tokenizers import CharTokenizer  # noqa: E402
+from rnnkit.errors import RnnkitError  # noqa: E402
+from rnnkit.generation import generate, generate_ids, sample_next  # noqa: E402
+from rnnkit.models.language_model import LanguageModel  # noqa: E402
+from rnnkit.training.loop import TrainResult, train_language_model  # noqa: E402
+
+__all__ = [
+    "Checkpoint", "CharTokenizer", "DataConfig", "LMData", "LanguageModel", "ModelConfig", "RnnkitError",
+    "RunConfig", "TrainConfig", "TrainResult", "generate", "generate_ids", "load_checkpoint", "load_config",
+    "prepare_lm_data", "sample_next", "train_language_model",
+]

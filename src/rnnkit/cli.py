@@ -1,0 +1,350 @@
+"""The ``rnnkit`` command: a thin shell over the library.
+
+Subcommands: ``train``, ``generate``, ``eval``, ``corpora``. Results go to
+stdout; progress, warnings and errors go to stderr. A user mistake prints one
+line ``rnnkit: error: ...`` and exits with status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from rnnkit import __version__
+from rnnkit.config import SECTIONS, RunConfig, apply_mapping, load_toml, parse_override, set_value, validate
+from rnnkit.errors import RnnkitError
+
+# ---------------------------------------------------------------- train flags
+
+
+def _flag(name: str, meta: dict[str, Any]) -> str:
+    return meta.get("flag", "--" + name.replace("_", "-"))
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config knob, help text and choices taken from the config dataclasses."""
+    defaults = RunConfig()
+    groups = [("run", defaults, [f for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS])]
+    for section in SECTIONS:
+        obj = getattr(defaults, section)
+        groups.append((section, obj, list(dataclasses.fields(obj))))
+    for section, obj, fields in groups:
+        group = parser.add_argument_group(f"{section} options" if section != "run" else "output")
+        hints = typing.get_type_hints(type(obj))
+        for f in fields:
+            tp = hints[f.name]
+            dest = f.name if section == "run" else f"{section}.{f.name}"
+            default = getattr(obj, f.name)
+            help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, []) else "")
+            kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+            args = typing.get_args(tp)
+            if get_origin(tp) is Literal:
+                kwargs["choices"] = list(args)
+            elif tp is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif get_origin(tp) is list:
+                kwargs["nargs"] = "+"
+                kwargs["metavar"] = "TEXT"
+            elif tp is int:
+                kwargs.update(type=int, metavar="N")
+            elif tp is float:
+                kwargs.update(type=float, metavar="X")
+            else:
+                kwargs["metavar"] = "PATH" if f.name in ("text", "out") else f.name.upper()
+            group.add_argument(_flag(f.name, f.metadata), **kwargs)
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then the TOML recipe, then --set overrides, then explicit flags."""
+    config = RunConfig()
+    if args.config:
+        apply_mapping(config, load_toml(args.config), source=str(args.config))
+    for item in args.set or []:
+        key, value = parse_override(item)
+        set_value(config, key, value, source="--set")
+    given = {key: value for key, value in vars(args).items() if key == "out" or "." in key}
+    for key, value in given.items():
+        set_value(config, key, value, source="command line")
+    # A text source on the command line replaces the recipe's, whichever kind the recipe had.
+    if "data.text" in given and "data.corpus" not in given:
+        config.data.corpus = None
+    if "data.corpus" in given and "data.text" not in given:
+        config.data.text = None
+    validate(config)
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rnnkit.console import ConsoleReporter, stderr
+    from rnnkit.data.lm_data import prepare_lm_data
+    from rnnkit.training.loop import train_language_model
+
+    config = _config_from_args(args)
+    if not config.out:
+        raise RnnkitError("no run directory: pass --out DIR (checkpoints and logs go there)")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise RnnkitError(f"--out {out} is a file; give a folder for the run")
+    old = [p for p in (out / "checkpoints", out / "metrics.jsonl") if p.exists()]
+    if old and not args.overwrite:
+        raise RnnkitError(f"{out} already holds a training run; pass --overwrite to replace it, or choose another --out")
+    reporter = ConsoleReporter(quiet=args.quiet)
+    data = prepare_lm_data(config.data, cache_dir=out / "data", log=reporter.print)
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        result = train_language_model(config, data, out_dir=out, reporter=reporter)
+    except KeyboardInterrupt:
+        reporter.close()
+        stderr.print(f"interrupted; the last weights are saved in {out} (use it with `rnnkit generate --checkpoint {out}`)")
+        return 130
+    finally:
+        reporter.close()
+    (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
+    if not args.quiet:
+        stderr.print(f"checkpoints in {out}/checkpoints (best: validation loss {result.best_val_loss:.4f})"
+                     if result.best_val_loss is not None else f"checkpoints in {out}/checkpoints")
+    return 0
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def _to_toml(config: RunConfig) -> str:
+    """The run's full configuration as a recipe that `rnnkit train --config` accepts."""
+    data = config.to_dict()
+    lines = ["# the full configuration of this run; re-run it with `rnnkit train --config THIS_FILE`"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in data.items() if k not in SECTIONS and v is not None]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in data[section].items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- generate
+
+
+def _load(path: str, device: str):
+    from rnnkit.checkpoint import load_checkpoint
+    from rnnkit.runtime import resolve_device
+
+    return load_checkpoint(path, device=resolve_device(device))
+
+
+def _encode_prime(tokenizer, prime: str, unknown: str) -> list[int]:
+    from rnnkit.console import stderr
+
+    if unknown == "skip" and hasattr(tokenizer, "unknown_chars"):
+        missing = tokenizer.unknown_chars(prime)
+        if missing:
+            stderr.print(f"warning: skipped {len(missing)} character(s) not in the vocabulary: "
+                         + " ".join(repr(c) for c in missing[:8]))
+    try:
+        ids = tokenizer.encode(prime, unknown=unknown)
+    except RnnkitError as exc:
+        raise RnnkitError(f"prime {prime!r}: {exc}") from None
+    if len(ids) == 0:
+        raise RnnkitError(f"the prime {prime!r} is empty after tokenization; give text made of known characters")
+    return ids.tolist()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from rnnkit.generation import check_sampling, generate
+    from rnnkit.runtime import set_threads
+
+    for temperature in args.temperature:
+        check_sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.length < 0:
+        raise RnnkitError(f"--length must be >= 0, got {args.length}")
+    if args.num_samples < 1:
+        raise RnnkitError(f"--num-samples must be >= 1, got {args.num_samples}")
+    set_threads(args.threads)
+    ckpt = _load(args.checkpoint, args.device)
+    tok = ckpt.tokenizer
+    prime_text = args.prime if args.prime is not None else ckpt.meta.get("default_prime", "\n")
+    if args.prime is None and not len(tok.encode(prime_text, unknown="skip")):
+        prime_text = tok.decode([0])
+    prime = _encode_prime(tok, prime_text, args.unknown)
+    seed = args.seed if args.seed is not None else int(torch.seed() % 2**31)
+    out = sys.stdout
+    headers = len(args.temperature) > 1 or args.num_samples > 1
+    for temperature in args.temperature:
+        gen = torch.Generator().manual_seed(seed)
+        steps = generate(ckpt.model, prime, length=args.length, temperature=temperature, top_k=args.top_k,
+                         top_p=args.top_p, num_samples=args.num_samples, generator=gen)
+        echo = "" if args.continuation_only else tok.decode(prime)
+        if args.num_samples == 1:
+            if headers:
+                out.write(f"----- temperature {temperature:g} -----\n")
+            out.write(echo)
+            for ids in steps:  # stream each token as soon as it exists
+                out.write(tok.decode(ids.tolist()))
+                out.flush()
+            out.write("\n")
+        else:
+            columns = torch.stack(list(steps), dim=1).tolist() if args.length else [[]] * args.num_samples
+            for i, ids in enumerate(columns, 1):
+                out.write(f"----- temperature {temperature:g}, sample {i} -----\n")
+                out.write(echo + tok.decode(ids) + "\n")
+        out.flush()
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rnnkit.data import corpora
+    from rnnkit.runtime import set_threads
+    from rnnkit.training.evaluate import evaluate_lm
+    from rnnkit.training.metrics import lm_metrics
+
+    if bool(args.text) == bool(args.corpus):
+        raise RnnkitError("pass exactly one of --text FILE_OR_FOLDER or --corpus NAME to evaluate on")
+    set_threads(args.threads)
+    ckpt = _load(args.checkpoint, args.device)
+    if args.text:
+        text = corpora.read_text(args.text, encoding=args.encoding)
+    else:
+        text = corpora.read_text(corpora.fetch(args.corpus))
+    try:
+        ids = ckpt.tokenizer.encode(text, unknown=args.unknown)
+    except RnnkitError as exc:
+        raise RnnkitError(f"evaluation text: {exc}") from None
+    if len(ids) < 2:
+        raise RnnkitError("the evaluation text needs at least 2 known tokens")
+    run = ckpt.run_config
+    batch_size = args.batch_size or run.data.batch_size
+    seq_len = args.seq_len or run.data.seq_len
+    loss, count = evaluate_lm(ckpt.model, ids, batch_size=batch_size, seq_len=seq_len)
+    chars = round(count * len(text) / len(ids))
+    metrics = lm_metrics(loss, tokens=count, chars=chars)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  "
+              f"bits/char {metrics['bits_per_char']:.4f}  tokens {metrics['tokens']}")
+    return 0
+
+
+# ---------------------------------------------------------------- corpora
+
+
+def cmd_corpora(args: argparse.Namespace) -> int:
+    from rnnkit.console import stderr
+    from rnnkit.data import corpora
+
+    if args.action == "list":
+        for c in corpora.list_corpora():
+            cached = corpora.cached_path(c.name)
+            state = f"cached at {cached}" if cached else "not fetched"
+            print(f"{c.name:<18} {c.size_hint:>8}  {c.description}  [{c.licence}; {state}]")
+        return 0
+    names = args.names or []
+    if not names:
+        raise RnnkitError("name the corpora to fetch, e.g. `rnnkit corpora fetch shakespeare`")
+    for name in names:
+        path = corpora.fetch(name, force=args.force, log=lambda m: stderr.print(m))
+        print(path)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rnnkit",
+        description="Train, evaluate and sample from recurrent language models (RNN, GRU, LSTM).",
+    )
+    parser.add_argument("--version", action="version", version=f"rnnkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model on a text file, folder or named corpus",
+                           description="Train a language model. Options come from defaults, then --config, "
+                                       "then --set, then the flags given.")
+    train.add_argument("--config", metavar="TOML", help="read every option from a TOML recipe (flags override it)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override any config key, e.g. --set train.eval_every=100 (repeatable)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    train.add_argument("--quiet", action="store_true", help="print only errors")
+    _add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="generate text from a checkpoint",
+                         description="Prime the model once with --prime, then sample one token per step.")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    gen.add_argument("--prime", metavar="TEXT", help="text to start from (default: a newline)")
+    gen.add_argument("--length", type=int, default=500, help="tokens to generate (default: 500)")
+    gen.add_argument("--temperature", type=float, nargs="+", default=[0.8], metavar="T",
+                     help="one or more sampling temperatures; 0 is greedy (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample only among the k likeliest tokens (0: off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sample only from the top-p probability mass (1: off)")
+    gen.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for a repeatable sample (default: random)")
+    gen.add_argument("--unknown", choices=["error", "skip"], default="error",
+                     help="what to do with prime characters the model never saw (default: error)")
+    gen.add_argument("--continuation-only", action="store_true", help="print only the new text, not the prime")
+    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
+    gen.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per char of a checkpoint on a text")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    ev.add_argument("--text", metavar="PATH", help="a text file or folder to evaluate on")
+    ev.add_argument("--corpus", metavar="NAME", help="a named corpus to evaluate on")
+    ev.add_argument("--encoding", default="utf-8", help="encoding of --text (default: utf-8)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--unknown", choices=["error", "skip"], default="error",
+                    help="what to do with characters the model never saw (default: error)")
+    ev.add_argument("--batch-size", type=int, default=0, help="parallel streams (default: the training batch size)")
+    ev.add_argument("--seq-len", type=int, default=0, help="window length (default: the training one)")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
+    ev.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ev.set_defaults(func=cmd_eval)
+
+    corp = sub.add_parser("corpora", help="list or fetch the named corpora")
+    corp.add_argument("action", choices=["list", "fetch"], help="list the corpora, or fetch some into the cache")
+    corp.add_argument("names", nargs="*", metavar="NAME", help="corpora to fetch")
+    corp.add_argument("--force", action="store_true", help="download again even when cached")
+    corp.set_defaults(func=cmd_corpora)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except RnnkitError as exc:
+        print(f"rnnkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rnnkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `rnnkit generate | head` closed the pipe: not an error worth a traceback.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

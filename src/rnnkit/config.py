@@ -1,0 +1,323 @@
+"""Typed run configuration: defaults in one place, TOML loading, dotted overrides.
+
+A run is described by :class:`RunConfig`, made of three sections (``data``,
+``model``, ``train``) plus the output directory. Every knob has its default
+and a one-line help text here and nowhere else; the CLI builds its flags from
+the same help texts. Loading a TOML file or applying an override checks the
+key exists and the value has the right type, so a typo is an error instead of
+a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from rnnkit.errors import RnnkitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+def knob(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help text (read by the CLI and the docs)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut into training batches."""
+
+    text: str | None = knob(None, "a UTF-8 text file, or a folder of .txt files, to train on")
+    corpus: str | None = knob(None, "a named corpus (see `rnnkit corpora list`), fetched and cached")
+    level: Literal["char"] = knob("char", "tokenization level")
+    encoding: str = knob("utf-8", "text encoding of --text")
+    val_fraction: float = knob(0.05, "fraction of the text (its tail) held out for validation")
+    test_fraction: float = knob(0.0, "fraction of the text (the very end) held out for testing")
+    seq_len: int = knob(100, "window length T: tokens per training sequence")
+    batch_size: int = knob(64, "sequences per batch B")
+    sampling: Literal["random", "sequential"] = knob(
+        "sequential",
+        "random: independent windows, state reset per batch; "
+        "sequential: B parallel streams, state carried and detached (truncated BPTT)",
+    )
+    target: Literal["all", "last"] = knob(
+        "all", "all: predict every next token (many-to-many); last: only the window's last next token"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The network: input encoding, recurrent stack, output head."""
+
+    cell: Literal["lstm", "gru", "rnn"] = knob("lstm", "recurrent cell type", flag="--model")
+    nonlinearity: Literal["tanh", "relu"] = knob("tanh", "activation of the vanilla rnn cell")
+    input: Literal["embedding", "onehot"] = knob("embedding", "how tokens enter the network")
+    embedding_dim: int = knob(0, "embedding size (0: same as --hidden)")
+    hidden: int = knob(512, "hidden units per layer")
+    layers: int = knob(2, "stacked recurrent layers")
+    dropout: float = knob(0.0, "dropout between layers and before the head")
+    tie_weights: bool = knob(False, "share the embedding matrix with the output head")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, stopping, evaluation and logging."""
+
+    optimizer: Literal["adam", "adamw", "rmsprop", "sgd", "adagrad"] = knob("adam", "optimizer")
+    lr: float = knob(2e-3, "learning rate")
+    weight_decay: float = knob(0.0, "weight decay")
+    clip: float = knob(5.0, "clip the global gradient norm to this value (0: no clipping)")
+    lr_decay: float = knob(0.5, "multiply the learning rate by this when validation stops improving")
+    lr_patience: int = knob(2, "evaluations without improvement before the learning rate decays")
+    max_steps: int = knob(0, "stop after this many optimizer steps (0: no limit)")
+    max_time: float = knob(0.0, "stop after this many seconds of training (0: no limit)")
+    epochs: float = knob(0.0, "stop after this many passes over the training text (0: no limit)")
+    seed: int = knob(0, "random seed: the same seed and settings give the same run on CPU")
+    device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto picks CUDA when available")
+    threads: int = knob(0, "CPU threads for torch (0: torch's default)")
+    eval_every: int = knob(500, "validate every N steps (and at the end)")
+    eval_max_tokens: int = knob(200_000, "validate on at most this many tokens (0: all)")
+    log_every: int = knob(50, "print a progress line every N steps when stderr is not a terminal")
+    sample_every: int = knob(0, "print samples every N steps (0: only at evaluations)")
+    sample_prefixes: list[str] = knob([], "prefixes to continue when sampling during training")
+    sample_length: int = knob(200, "tokens per training-time sample")
+    sample_temperature: float = knob(0.8, "temperature of training-time samples")
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    out: str | None = knob(None, "run directory: checkpoints, logs and the encoded-data cache")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
+        config = cls()
+        apply_mapping(config, data, source=source)
+        validate(config)
+        return config
+
+
+SECTIONS = ("data", "model", "train")
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check (and gently convert) one value against a field's annotated type."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except RnnkitError:
+                continue
+        raise RnnkitError(f"{source}: '{key}' must be {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise RnnkitError(
+                f"{source}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            )
+        return value
+    if origin is list:
+        (item_type,) = get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise RnnkitError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_type, key, source) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise RnnkitError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RnnkitError(f"{source}: '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise RnnkitError(f"{source}: '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise RnnkitError(f"{source}: '{key}' must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RnnkitError(f"{source}: '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RnnkitError(f"{source}: '{key}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _unknown(key: str, known: list[str], source: str) -> RnnkitError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    return RnnkitError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def all_keys() -> list[str]:
+    """Every dotted key a config accepts, e.g. ``model.hidden``."""
+    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS]
+    for section in SECTIONS:
+        section_obj = getattr(RunConfig(), section)
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(section_obj)]
+    return keys
+
+
+def set_value(config: RunConfig, dotted: str, value: Any, *, source: str = "override") -> None:
+    """Set one dotted key (``train.lr``) after checking it exists and its type."""
+    parts = dotted.split(".")
+    if len(parts) == 1 and parts[0] not in SECTIONS:
+        target, name = config, parts[0]
+    elif len(parts) == 2 and parts[0] in SECTIONS:
+        target, name = getattr(config, parts[0]), parts[1]
+    else:
+        raise _unknown(dotted, all_keys(), source)
+    hints = _hints(target)
+    if name not in hints or name in SECTIONS:
+        raise _unknown(dotted, all_keys(), source)
+    setattr(target, name, _coerce(value, hints[name], dotted, source))
+
+
+def apply_mapping(config: RunConfig, data: dict[str, Any], *, source: str) -> None:
+    """Apply a nested mapping (as parsed from TOML or JSON) onto ``config``."""
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise RnnkitError(f"{source}: '{key}' must be a table of settings")
+            for sub, sub_value in value.items():
+                set_value(config, f"{key}.{sub}", sub_value, source=source)
+        else:
+            set_value(config, key, value, source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value``; the value is read as TOML when it parses, else as a string."""
+    if "=" not in text:
+        raise RnnkitError(f"--set expects KEY=VALUE, got {text!r} (e.g. --set model.hidden=256)")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RnnkitError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise RnnkitError(f"config path is a folder, not a TOML file: {path}") from None
+    except PermissionError:
+        raise RnnkitError(f"cannot read config file {path}: permission denied") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RnnkitError(f"config file {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RnnkitError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML recipe into a checked :class:`RunConfig`."""
+    return RunConfig.from_dict(load_toml(path), source=str(path))
+
+
+def validate(config: RunConfig) -> None:
+    """Check value ranges that types alone cannot express."""
+    d, m, t = config.data, config.model, config.train
+    positive = {
+        "data.seq_len": d.seq_len,
+        "data.batch_size": d.batch_size,
+        "model.hidden": m.hidden,
+        "model.layers": m.layers,
+        "train.eval_every": t.eval_every,
+        "train.log_every": t.log_every,
+        "train.sample_length": t.sample_length,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise RnnkitError(f"'{key}' must be a positive number, got {value}")
+    non_negative = {
+        "model.embedding_dim": m.embedding_dim,
+        "train.clip": t.clip,
+        "train.weight_decay": t.weight_decay,
+        "train.max_steps": t.max_steps,
+        "train.max_time": t.max_time,
+        "train.epochs": t.epochs,
+        "train.threads": t.threads,
+        "train.eval_max_tokens": t.eval_max_tokens,
+        "train.sample_every": t.sample_every,
+        "train.sample_temperature": t.sample_temperature,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise RnnkitError(f"'{key}' must not be negative, got {value}")
+    if not t.lr > 0:
+        raise RnnkitError(f"'train.lr' must be positive, got {t.lr}")
+    if not 0 <= m.dropout < 1:
+        raise RnnkitError(f"'model.dropout' must be in [0, 1), got {m.dropout}")
+    if not 0 < t.lr_decay <= 1:
+        raise RnnkitError(f"'train.lr_decay' must be in (0, 1], got {t.lr_decay}")
+    if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1):
+        raise RnnkitError("validation and test fractions must be in [0, 1)")
+    if d.val_fraction + d.test_fraction >= 0.9:
+        raise RnnkitError(
+            f"val_fraction + test_fraction = {d.val_fraction + d.test_fraction:g} leaves too little "
+            "text to train on; keep their sum below 0.9"
+        )
+    if m.tie_weights:
+        if m.input != "embedding":
+            raise RnnkitError("--tie-weights needs --input embedding (a one-hot input has no matrix to share)")
+        if m.embedding_dim not in (0, m.hidden):
+            raise RnnkitError(
+                f"--tie-weights needs --embedding-dim equal to --hidden ({m.hidden}), got {m.embedding_dim}"
+            )

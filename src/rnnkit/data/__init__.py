@@ -1,0 +1,1 @@
+"""Data: reading text, named corpora, tokenizers and batchers."""

@@ -1,0 +1,1 @@
+"""Models: recurrent cells, stacks and the networks built on them."""

@@ -1,0 +1,55 @@
+"""Language model: token ids -> (embedding | one-hot) -> recurrent stack -> next-token logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit.config import ModelConfig
+from rnnkit.models.recurrent import Recurrent, State
+
+
+class LanguageModel(nn.Module):
+    """``forward(ids, state=None) -> (logits, state)``; ids (B, T), logits (B, T, V)."""
+
+    def __init__(self, *, config: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        if config.input == "embedding":
+            dim = config.embedding_dim or config.hidden
+            self.embedding: nn.Embedding | None = nn.Embedding(vocab_size, dim)
+            input_size = dim
+        else:
+            self.embedding = None
+            input_size = vocab_size
+        self.recurrent = Recurrent(
+            cell=config.cell,
+            input_size=input_size,
+            hidden=config.hidden,
+            layers=config.layers,
+            dropout=config.dropout,
+            nonlinearity=config.nonlinearity,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden, vocab_size)
+        if config.tie_weights:
+            assert self.embedding is not None and self.embedding.weight.shape == self.head.weight.shape
+            self.head.weight = self.embedding.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embedding is not None:
+            return self.embedding(ids)  # (B, T, E)
+        return F.one_hot(ids, self.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
+
+    def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        x = self.dropout(self.embed(ids))
+        out, state = self.recurrent(x, state)  # (B, T, H)
+        return self.head(self.dropout(out)), state
+
+    def initial_state(self, batch_size: int) -> State:
+        return self.recurrent.initial_state(batch_size)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,263 @@
+"""The training loop for language models: visible, and the model knows nothing about it.
+
+One step: take a batch; start from a zero state or carry the previous one
+(detached, so gradients stop at the window edge: truncated BPTT); forward;
+cross-entropy on every next token (or only the last); backward; clip the
+global gradient norm; optimizer step. Every ``eval_every`` steps and at the
+end the model is validated, the learning rate may decay on a plateau, the
+best and last checkpoints are written and samples are drawn. A
+:class:`Reporter` receives every event; the loop itself prints nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit import checkpoint
+from rnnkit.config import RunConfig
+from rnnkit.data.batching import make_batcher
+from rnnkit.data.lm_data import LMData, save_lm_cache
+from rnnkit.errors import RnnkitError
+from rnnkit.generation import generate_ids
+from rnnkit.models.language_model import LanguageModel
+from rnnkit.models.recurrent import detach_state
+from rnnkit.runtime import resolve_device, seed_everything, set_threads
+from rnnkit.training.evaluate import evaluate_lm
+from rnnkit.training.metrics import lm_metrics
+
+TASK = "language_model"
+
+
+class Reporter:
+    """Receives training events; the default ignores them all. The CLI's prints them."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_step(self, info: dict[str, Any]) -> None: ...
+
+    def on_eval(self, info: dict[str, Any]) -> None: ...
+
+    def on_sample(self, prefix: str, text: str) -> None: ...
+
+    def on_save(self, path: Path, names: tuple[str, ...]) -> None: ...
+
+    def on_end(self, info: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    best_val_loss: float | None
+    last_val_loss: float | None
+    train_loss: float | None
+    stopped_by: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_optimizer(name: str, params, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+    raise RnnkitError(f"unknown optimizer {name!r} (choose: adam, adamw, rmsprop, sgd, adagrad)")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; targets (B, T) score every position, (B,) only the last."""
+    if targets.dim() == 1:
+        return F.cross_entropy(logits[:, -1], targets)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _default_prefixes(data: LMData) -> list[str]:
+    """A newline when the vocabulary has one (starts a fresh line of text), else the first token."""
+    tok = data.tokenizer
+    return ["\n"] if len(tok.encode("\n", unknown="skip")) else [tok.decode([int(data.train[0])])]
+
+
+def train_language_model(
+    config: RunConfig,
+    data: LMData,
+    *,
+    out_dir: str | Path,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Train a language model on ``data`` as ``config`` says, writing checkpoints to ``out_dir``."""
+    reporter = reporter or Reporter()
+    out_dir = Path(out_dir)
+    d, t = config.data, config.train
+    set_threads(t.threads)
+    seed_everything(t.seed)
+    device = resolve_device(t.device)
+
+    model = LanguageModel(config=config.model, vocab_size=data.tokenizer.vocab_size).to(device)
+    optimizer = build_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=t.lr_decay, patience=t.lr_patience)
+    batcher = make_batcher(
+        data.train, sampling=d.sampling, seq_len=d.seq_len, batch_size=d.batch_size, target=d.target, seed=t.seed
+    )
+    steps_per_epoch = batcher.steps_per_epoch
+    max_steps = t.max_steps
+    if t.epochs:
+        epoch_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+        max_steps = min(max_steps, epoch_steps) if max_steps else epoch_steps
+    if not max_steps and not t.max_time:
+        max_steps = steps_per_epoch  # nothing said: one pass over the text
+    tokens_per_step = d.batch_size * (d.seq_len if d.target == "all" else 1)
+    prefixes = t.sample_prefixes or _default_prefixes(data)
+    sample_gen = torch.Generator().manual_seed(t.seed)
+
+    # Everything is checked: only now does anything land on disk.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_lm_cache(data, out_dir / "data")
+    metrics_file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+    history: list[dict[str, Any]] = []
+
+    def log_metrics(record: dict[str, Any]) -> None:
+        history.append(record)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    reporter.on_start({
+        "device": str(device), "parameters": model.num_parameters(), "vocab_size": data.tokenizer.vocab_size,
+        "train_tokens": len(data.train), "val_tokens": len(data.val), "steps_per_epoch": steps_per_epoch,
+        "max_steps": max_steps, "max_time": t.max_time, "source": data.source, "from_cache": data.from_cache,
+    })
+
+    step = 0
+    tokens = 0
+    best_val: float | None = None
+    last_val: float | None = None
+    recent_loss = torch.zeros((), device=device)
+    recent_count = 0
+    last_train_loss: float | None = None
+    start = time.perf_counter()
+    log_start, log_tokens = start, 0
+    state = None
+    stopped_by = "steps"
+
+    def elapsed() -> float:
+        return time.perf_counter() - start
+
+    def counters() -> dict[str, Any]:
+        return {"step": step, "tokens": tokens, "epoch": step / steps_per_epoch, "seconds": round(elapsed(), 3),
+                "best_val_loss": best_val, "val_loss": last_val, "train_loss": last_train_loss}
+
+    def save(names: tuple[str, ...]) -> None:
+        path = checkpoint.save_to_run(
+            out_dir, names=names, step=step, model=model, tokenizer=data.tokenizer, task=TASK,
+            run_config=config, state=counters(),
+        )
+        reporter.on_save(path, names)
+
+    def evaluate_and_save() -> None:
+        nonlocal best_val, last_val
+        record: dict[str, Any] = {"step": step, "time": round(elapsed(), 3), "lr": optimizer.param_groups[0]["lr"]}
+        if len(data.val) >= 2:
+            loss, count = evaluate_lm(model, data.val, batch_size=d.batch_size, seq_len=d.seq_len,
+                                      max_tokens=t.eval_max_tokens)
+            chars = round(count * data.chars_per_token)
+            val = lm_metrics(loss, tokens=count, chars=chars)
+            last_val = loss
+            improved = best_val is None or loss < best_val
+            if improved:
+                best_val = loss
+            scheduler.step(loss)
+            record.update({f"val_{k}": v for k, v in val.items()})
+            reporter.on_eval({**record, "improved": improved, "best_val_loss": best_val})
+            log_metrics(record)
+            save(("best", "last") if improved else ("last",))
+        else:
+            # No validation text: the latest weights are the best we know.
+            reporter.on_eval(record)
+            log_metrics(record)
+            save(("best", "last"))
+        draw_samples()
+
+    def draw_samples() -> None:
+        for prefix in prefixes:
+            prime = data.tokenizer.encode(prefix, unknown="skip")
+            if len(prime) == 0:
+                continue
+            ids = generate_ids(model, prime.tolist(), length=t.sample_length,
+                               temperature=t.sample_temperature, generator=sample_gen)[0]
+            reporter.on_sample(prefix, data.tokenizer.decode(ids))
+
+    model.train()
+    try:
+        done = False
+        while not done:
+            for batch in batcher.epoch():
+                x = batch.x.to(device, non_blocking=True)
+                y = batch.y.to(device, non_blocking=True)
+                # Random windows start from zeros; sequential windows continue the previous
+                # batch's streams, so carry its state but cut the graph behind it (TBPTT).
+                state = None if batch.reset else detach_state(state)
+                logits, state = model(x, state)
+                loss = lm_loss(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip, foreach=True)
+                optimizer.step()
+                step += 1
+                tokens += tokens_per_step
+                recent_loss += loss.detach()
+                recent_count += 1
+
+                if step % t.log_every == 0 or step == max_steps:
+                    last_train_loss = (recent_loss / recent_count).item()
+                    if not math.isfinite(last_train_loss):
+                        raise RnnkitError(
+                            f"the training loss became {last_train_loss} by step {step}; lower --lr or use --clip"
+                        )
+                    now = time.perf_counter()
+                    rate = (tokens - log_tokens) / max(now - log_start, 1e-9)
+                    log_start, log_tokens = now, tokens
+                    recent_loss.zero_()
+                    recent_count = 0
+                    record = {"step": step, "time": round(now - start, 3), "loss": last_train_loss,
+                              "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(rate, 1)}
+                    log_metrics(record)
+                    reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
+                                      "epoch": step / steps_per_epoch})
+
+                if max_steps and step >= max_steps:
+                    stopped_by, done = "steps", True
+                elif t.max_time and elapsed() >= t.max_time:
+                    stopped_by, done = "time", True
+                if done or step % t.eval_every == 0:
+                    evaluate_and_save()
+                elif t.sample_every and step % t.sample_every == 0:
+                    draw_samples()
+                if done:
+                    break
+    except KeyboardInterrupt:
+        if step > 0:
+            save(("last",))
+        metrics_file.close()
+        raise
+    metrics_file.close()
+    result = TrainResult(
+        steps=step, tokens=tokens, seconds=elapsed(), best_val_loss=best_val, last_val_loss=last_val,
+        train_loss=last_train_loss, stopped_by=stopped_by, history=history,
+    )
+    reporter.on_end({**counters(), "stopped_by": stopped_by})
+    return result
