@@ -24,12 +24,12 @@ from torch import nn
 
 from rnnkit import checkpoint
 from rnnkit.config import RunConfig
-from rnnkit.data.batching import make_batcher
+from rnnkit.data.batching import Batch, make_batcher
 from rnnkit.data.lm_data import LMData, save_lm_cache
 from rnnkit.errors import RnnkitError
 from rnnkit.generation import generate_ids
 from rnnkit.models.language_model import LanguageModel
-from rnnkit.models.recurrent import detach_state
+from rnnkit.models.recurrent import State, detach_state
 from rnnkit.runtime import resolve_device, seed_everything, set_threads
 from rnnkit.training.evaluate import evaluate_lm
 from rnnkit.training.metrics import lm_metrics
@@ -84,6 +84,31 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if targets.dim() == 1:
         return F.cross_entropy(logits[:, -1], targets)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    state: State | None,
+    *,
+    clip: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, State]:
+    """One optimizer step on one batch; returns the (detached) loss and the state to carry."""
+    x = batch.x.to(device, non_blocking=True)
+    y = batch.y.to(device, non_blocking=True)
+    # Random windows start from zeros; sequential windows continue the previous
+    # batch's streams, so carry its state but cut the graph behind it (TBPTT).
+    state = None if batch.reset else detach_state(state)
+    logits, state = model(x, state)
+    loss = lm_loss(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    optimizer.step()
+    return loss.detach(), state
 
 
 def _default_prefixes(data: LMData) -> list[str]:
@@ -205,21 +230,10 @@ def train_language_model(
         done = False
         while not done:
             for batch in batcher.epoch():
-                x = batch.x.to(device, non_blocking=True)
-                y = batch.y.to(device, non_blocking=True)
-                # Random windows start from zeros; sequential windows continue the previous
-                # batch's streams, so carry its state but cut the graph behind it (TBPTT).
-                state = None if batch.reset else detach_state(state)
-                logits, state = model(x, state)
-                loss = lm_loss(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip, foreach=True)
-                optimizer.step()
+                loss, state = train_step(model, optimizer, batch, state, clip=t.clip, device=device)
                 step += 1
                 tokens += tokens_per_step
-                recent_loss += loss.detach()
+                recent_loss += loss
                 recent_count += 1
 
                 if step % t.log_every == 0 or step == max_steps:

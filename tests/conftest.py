@@ -1,0 +1,30 @@
+"""Shared test setup: one CPU thread (fast and steady on a 2-core box), a private cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+SHARED_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's ~/.cache from tests."""
+    monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def shared_corpora() -> Path:
+    if not SHARED_CORPORA.is_dir():
+        pytest.skip(f"real corpora not available at {SHARED_CORPORA}")
+    return SHARED_CORPORA
+
+
+@pytest.fixture
+def tiny_text() -> str:
+    return "the cat sat on the mat. the dog sat on the log.\n" * 20
