@@ -34,8 +34,8 @@ from torch import nn
 
 from rnnkit import __version__
 from rnnkit.config import ModelConfig, RunConfig
-from rnnkit.errors import RnnkitError
 from rnnkit.data.tokenizers import Tokenizer, tokenizer_from_dict
+from rnnkit.errors import RnnkitError
 from rnnkit.models.language_model import LanguageModel
 
 FORMAT = "rnnkit-checkpoint"

@@ -14,7 +14,7 @@ import shutil
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_origin
 
 from rnnkit import __version__
 from rnnkit.config import SECTIONS, RunConfig, apply_mapping, load_toml, parse_override, set_value, validate
@@ -147,17 +147,16 @@ def _load(path: str, device: str):
 def _encode_prime(tokenizer, prime: str, unknown: str) -> list[int]:
     from rnnkit.console import stderr
 
-    if unknown == "skip" and hasattr(tokenizer, "unknown_chars"):
-        missing = tokenizer.unknown_chars(prime)
-        if missing:
-            stderr.print(f"warning: skipped {len(missing)} character(s) not in the vocabulary: "
-                         + " ".join(repr(c) for c in missing[:8]))
     try:
         ids = tokenizer.encode(prime, unknown=unknown)
     except RnnkitError as exc:
         raise RnnkitError(f"prime {prime!r}: {exc}") from None
     if len(ids) == 0:
         raise RnnkitError(f"the prime {prime!r} is empty after tokenization; give text made of known characters")
+    missing = tokenizer.unknown_chars(prime) if unknown == "skip" else []
+    if missing:
+        stderr.print(f"warning: skipped {len(missing)} character(s) not in the vocabulary: "
+                     + " ".join(repr(c) for c in missing[:8]))
     return ids.tolist()
 
 

@@ -133,6 +133,11 @@ def prepare_lm_data(
         chars = len(text)
         from_cache = False
     data = LMData(tokenizer=tokenizer, source=source, chars=chars, cache_key=key, from_cache=from_cache, **arrays)
+    if len(data.train) < config.seq_len + 1:
+        raise RnnkitError(
+            f"{source} gives {len(data.train)} training tokens, fewer than one window of {config.seq_len} + 1; "
+            "use a longer text or a smaller --seq-len"
+        )
     if config.val_fraction > 0 and len(data.val) < 2:
         raise RnnkitError(
             f"the validation split of {source} has {len(data.val)} tokens; use a longer text or a larger --val-fraction"

@@ -1,0 +1,61 @@
+import pytest
+
+from rnnkit.config import RunConfig, all_keys, load_config, parse_override, set_value
+from rnnkit.errors import RnnkitError
+
+
+def test_toml_recipe_and_types(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('out = "runs/x"\n[data]\nseq_len = 50\n[model]\ncell = "gru"\nhidden = 64\n[train]\nlr = 1\n')
+    config = load_config(path)
+    assert config.data.seq_len == 50 and config.model.cell == "gru" and config.model.hidden == 64
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.data.batch_size == RunConfig().data.batch_size  # untouched defaults stay
+
+
+@pytest.mark.parametrize(
+    "toml, match",
+    [
+        ("[model]\nhiden = 3\n", "did you mean 'model.hidden'"),
+        ("[modle]\nhidden = 3\n", "unknown config key"),
+        ("[model]\nhidden = 'big'\n", "must be an integer"),
+        ("[model]\ncell = 'transformer'\n", "must be one of lstm, gru, rnn"),
+        ("[train]\nlr = -1.0\n", "must be positive"),
+        ("[data]\nseq_len = 0\n", "positive"),
+        ("[model]\ndropout = 1.5\n", "dropout"),
+        ("model = 3\n", "table"),
+        ("[model\n", "not valid TOML"),
+    ],
+)
+def test_bad_recipes_are_one_line_errors(tmp_path, toml, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(RnnkitError, match=match) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_overrides():
+    config = RunConfig()
+    set_value(config, *parse_override("train.eval_every=10"))
+    set_value(config, *parse_override("model.tie_weights=true"))
+    set_value(config, *parse_override("train.sample_prefixes=['a', 'b']"))
+    set_value(config, *parse_override("data.text=some file.txt"))
+    assert config.train.eval_every == 10 and config.model.tie_weights is True
+    assert config.train.sample_prefixes == ["a", "b"] and config.data.text == "some file.txt"
+    with pytest.raises(RnnkitError):
+        set_value(config, "train.nope", 1)
+    with pytest.raises(RnnkitError):
+        parse_override("no-equals-sign")
+
+
+def test_every_key_is_settable():
+    for key in all_keys():
+        assert key.count(".") <= 1
+
+
+def test_tie_weights_needs_matching_sizes():
+    with pytest.raises(RnnkitError, match="tie"):
+        RunConfig.from_dict({"model": {"tie_weights": True, "input": "onehot"}})
+    with pytest.raises(RnnkitError, match="embedding-dim"):
+        RunConfig.from_dict({"model": {"tie_weights": True, "hidden": 32, "embedding_dim": 16}})
