@@ -42,7 +42,7 @@ def test_sequential_streams_continue_each_other():
     batches = list(streams.epoch())
     assert streams.stream_len == 250 and len(batches) == 25
     assert batches[0].reset and not any(b.reset for b in batches[1:])
-    for a, b in zip(batches, batches[1:]):
+    for a, b in zip(batches, batches[1:], strict=False):
         assert torch.equal(b.x[:, 0], a.x[:, -1] + 1)  # window k+1 starts where k stopped
     for b in batches:
         assert torch.equal(b.y, b.x + 1)

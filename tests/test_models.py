@@ -39,7 +39,7 @@ def test_single_step_path_matches_the_fused_module(cell, nonlinearity):
             logits, state = model(ids[:, t : t + 1], state)  # one step at a time
             steps.append(logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
-    for a, b in zip(state, full_state):
+    for a, b in zip(state, full_state, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
 
 
