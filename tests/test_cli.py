@@ -183,3 +183,19 @@ def test_bad_input_through_the_real_entry_point(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_train_and_generate_through_the_installed_command(tmp_path):
+    exe = str(Path(sys.executable).with_name("rnnkit"))
+    env = {**os.environ, "RNNKIT_CACHE": str(tmp_path / "cache")}
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    train = subprocess.run([exe, "train", "--text", str(text), "--out", str(tmp_path / "run"), "--max-steps", "5",
+                            *FAST], capture_output=True, text=True, env=env, timeout=300)
+    assert train.returncode == 0, train.stderr
+    assert train.stdout == ""  # progress goes to stderr
+    assert "done: 5 steps" in train.stderr
+    gen = subprocess.run([exe, "generate", "--checkpoint", str(tmp_path / "run"), "--prime", "JULIET:",
+                          "--length", "30", "--seed", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("JULIET:") and len(gen.stdout) == len("JULIET:") + 31
