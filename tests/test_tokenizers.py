@@ -49,9 +49,86 @@ def test_unknown_character_is_named():
     with pytest.raises(RnnkitError, match="'z'"):
         tok.encode("abz")
     assert tok.decode(tok.encode("abzc", unknown="skip")) == "abc"
-    assert tok.unknown_chars("xaby") == ["x", "y"]
+    assert tok.unknown_in("xaby") == ["x", "y"]
 
 
 def test_empty_text_cannot_make_a_vocabulary():
     with pytest.raises(RnnkitError):
         CharTokenizer.fit("")
+
+
+# ------------------------------------------------------------------ words
+
+FABLE = ("long ago , the mice had a general council to consider what measures they could take to outwit "
+         "their common enemy , the cat . some said this , and some said that")
+
+
+def test_word_vocabulary_is_ranked_by_frequency_with_first_occurrence_ties():
+    from rnnkit.data.tokenizers import WordTokenizer
+
+    tok = WordTokenizer.fit(FABLE)
+    assert tok.words[:5] == [",", "the", "to", "some", "said"]  # 3 times, then the 2s in order of first use
+    assert tok.words[5:7] == ["long", "ago"]  # then the singles, also in order of first use
+    assert tok.words[-1] == "<unk>"
+    assert tok.encode("the mice").tolist() == [1, tok.index["mice"]]
+
+
+def test_word_min_freq_max_vocab_and_unk():
+    from rnnkit.data.tokenizers import WordTokenizer
+
+    tok = WordTokenizer.fit(FABLE, min_freq=2)
+    assert tok.words == [",", "the", "to", "some", "said", "<unk>"]
+    assert tok.decode(tok.encode("the zebra said")) == "the <unk> said"
+    assert tok.unknown_in("the zebra said zebra") == ["zebra"]
+    assert WordTokenizer.fit(FABLE, max_vocab=3).words == [",", "the", "<unk>"]
+    with pytest.raises(RnnkitError, match="min-freq"):
+        WordTokenizer.fit(FABLE, min_freq=100)
+
+
+@pytest.mark.parametrize("text", [
+    "The cat sat on the mat.",
+    "Hello, world! It's a fine day; isn't it?",
+    "She said: yes (quietly), then left.",
+    "A well-known fact, 3.5 times over: 42% of them.",
+    'He said "hello there" and smiled.',
+])
+def test_word_round_trip_on_ordinary_english(text):
+    from rnnkit.data.tokenizers import WordTokenizer
+
+    tok = WordTokenizer.fit(text)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_word_eos_keeps_line_breaks_and_lowercase():
+    from rnnkit.data.tokenizers import WordTokenizer
+
+    text = "The Cat sat.\nThe dog ran.\n"
+    tok = WordTokenizer.fit(text, eos=True, lowercase=True)
+    assert "<eos>" in tok.words and "The" not in tok.words
+    assert tok.decode(tok.encode(text)) == "the cat sat.\nthe dog ran.\n"
+
+
+def test_word_save_load():
+    from rnnkit.data.tokenizers import WordTokenizer
+
+    tok = WordTokenizer.fit(FABLE, eos=True)
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.words == tok.words and again.eos
+
+
+# ------------------------------------------------------------------ BPE
+
+
+def test_bpe_is_lossless_and_saves():
+    from rnnkit.data.tokenizers import BPETokenizer
+
+    text = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
+            + "东风夜放花千树 🙂\n")
+    tok = BPETokenizer.fit(text, vocab_size=300)
+    assert tok.vocab_size <= 300
+    ids = tok.encode(text)
+    assert len(ids) < len(text) / 2  # merges learned: far fewer tokens than characters
+    assert tok.decode(ids) == text
+    assert tok.decode(tok.encode("unseen words ü")) == "unseen words ü"  # bytes: nothing is unknown
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.encode(text).tolist() == ids.tolist()

@@ -68,7 +68,7 @@ def test_metrics_log_samples_and_data_cache(tmp_path, tiny_text):
     evals = [e for kind, e in recorder.events if kind == "eval"]
     samples = [e for kind, e in recorder.events if kind == "sample"]
     assert [e["step"] for e in evals] == [20, 40] and len(samples) == 2
-    assert all(len(s) == 20 for s in samples)
+    assert all(s.startswith("the ") and len(s) == len("the ") + 20 for s in samples)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "tokens_per_s", "lr"} <= set(records[0])
     assert any("val_perplexity" in r for r in records)

@@ -187,6 +187,18 @@ def resolve(path: str | Path, *, prefer: str = "best") -> Path:
     raise RnnkitError(f"no checkpoint in {path}: it has neither config.json nor checkpoints/{INDEX}")
 
 
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Only the tokenizer of a checkpoint (or of a run directory's best one)."""
+    folder = resolve(path)
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RnnkitError(f"incomplete checkpoint {folder}: missing tokenizer.json") from None
+    except (OSError, ValueError) as exc:
+        raise RnnkitError(f"unreadable {folder / 'tokenizer.json'}: {exc}") from None
+    return tokenizer_from_dict(data)
+
+
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
     """Load a checkpoint (or a run directory's best one) for inference. Never unpickles."""
     folder = resolve(path, prefer=prefer)

@@ -144,20 +144,46 @@ def _load(path: str, device: str):
     return load_checkpoint(path, device=resolve_device(device))
 
 
-def _encode_prime(tokenizer, prime: str, unknown: str) -> list[int]:
+def _encode_prime(tokenizer, prime: str, unknown: str | None) -> list[int]:
     from rnnkit.console import stderr
 
+    unknown = unknown or tokenizer.default_unknown
     try:
         ids = tokenizer.encode(prime, unknown=unknown)
     except RnnkitError as exc:
         raise RnnkitError(f"prime {prime!r}: {exc}") from None
     if len(ids) == 0:
-        raise RnnkitError(f"the prime {prime!r} is empty after tokenization; give text made of known characters")
-    missing = tokenizer.unknown_chars(prime) if unknown == "skip" else []
+        raise RnnkitError(f"the prime {prime!r} is empty after tokenization; give text made of known tokens")
+    missing = tokenizer.unknown_in(prime)
     if missing:
-        stderr.print(f"warning: skipped {len(missing)} character(s) not in the vocabulary: "
+        what = "mapped to <unk>" if unknown == "unk" else "skipped"
+        stderr.print(f"warning: {what} {len(missing)} piece(s) of the prime not in the vocabulary: "
                      + " ".join(repr(c) for c in missing[:8]))
     return ids.tolist()
+
+
+class _StreamText:
+    """Turns a growing list of ids into text increments (word and BPE decoding needs context)."""
+
+    def __init__(self, tokenizer, prime: list[int], *, echo: bool) -> None:
+        self.tok = tokenizer
+        self.ids = list(prime)
+        self.shown = "" if echo else tokenizer.decode(prime)
+
+    def start(self) -> str:
+        return self.push([])
+
+    def push(self, new: list[int]) -> str:
+        self.ids += new
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # half of a multi-byte character: wait for the rest
+        if not text.startswith(self.shown):
+            # Re-spacing changed earlier text (rare): show only what is new from here on.
+            self.shown = text
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -175,9 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     ckpt = _load(args.checkpoint, args.device)
     tok = ckpt.tokenizer
-    prime_text = args.prime if args.prime is not None else ckpt.meta.get("default_prime", "\n")
-    if args.prime is None and not len(tok.encode(prime_text, unknown="skip")):
-        prime_text = tok.decode([0])
+    prime_text = args.prime if args.prime is not None else ckpt.meta.get("state", {}).get("default_prime", "\n")
     prime = _encode_prime(tok, prime_text, args.unknown)
     seed = args.seed if args.seed is not None else int(torch.seed() % 2**31)
     out = sys.stdout
@@ -186,20 +210,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gen = torch.Generator().manual_seed(seed)
         steps = generate(ckpt.model, prime, length=args.length, temperature=temperature, top_k=args.top_k,
                          top_p=args.top_p, num_samples=args.num_samples, generator=gen)
-        echo = "" if args.continuation_only else tok.decode(prime)
         if args.num_samples == 1:
             if headers:
                 out.write(f"----- temperature {temperature:g} -----\n")
-            out.write(echo)
+            stream = _StreamText(tok, prime, echo=not args.continuation_only)
+            out.write(stream.start())
             for ids in steps:  # stream each token as soon as it exists
-                out.write(tok.decode(ids.tolist()))
+                out.write(stream.push(ids.tolist()))
                 out.flush()
             out.write("\n")
         else:
             columns = torch.stack(list(steps), dim=1).tolist() if args.length else [[]] * args.num_samples
             for i, ids in enumerate(columns, 1):
                 out.write(f"----- temperature {temperature:g}, sample {i} -----\n")
-                out.write(echo + tok.decode(ids) + "\n")
+                text = tok.decode(prime + ids)
+                out.write((text[len(tok.decode(prime)):] if args.continuation_only else text) + "\n")
         out.flush()
     return 0
 
@@ -225,19 +250,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ids = ckpt.tokenizer.encode(text, unknown=args.unknown)
     except RnnkitError as exc:
         raise RnnkitError(f"evaluation text: {exc}") from None
+    if ckpt.tokenizer.kind == "word":
+        unknown = sum(1 for p in ckpt.tokenizer.split(text) if p not in ckpt.tokenizer.index)
+        if unknown:
+            from rnnkit.console import stderr
+
+            stderr.print(f"note: {unknown} word(s) of the text are not in the vocabulary and count as <unk>")
     if len(ids) < 2:
         raise RnnkitError("the evaluation text needs at least 2 known tokens")
     run = ckpt.run_config
     batch_size = args.batch_size or run.data.batch_size
     seq_len = args.seq_len or run.data.seq_len
-    loss, count = evaluate_lm(ckpt.model, ids, batch_size=batch_size, seq_len=seq_len)
+    loss, count, accuracy = evaluate_lm(ckpt.model, ids, batch_size=batch_size, seq_len=seq_len, window=run.data.window)
     chars = round(count * len(text) / len(ids))
-    metrics = lm_metrics(loss, tokens=count, chars=chars)
+    metrics = {**lm_metrics(loss, tokens=count, chars=chars), "accuracy": accuracy}
     if args.json:
         print(json.dumps(metrics))
     else:
         print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  "
-              f"bits/char {metrics['bits_per_char']:.4f}  tokens {metrics['tokens']}")
+              f"bits/char {metrics['bits_per_char']:.4f}  accuracy {accuracy:.4f}  tokens {metrics['tokens']}")
+    return 0
+
+
+# ---------------------------------------------------------------- vocab
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from rnnkit.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(args.checkpoint)
+    counts = tok.counts or [None] * tok.vocab_size
+    rows = [(i, tok.token(i), counts[i]) for i in range(tok.vocab_size)]
+    if args.sort == "count" and tok.counts:
+        rows.sort(key=lambda r: -r[2])
+    shown = rows[: args.top] if args.top else rows
+    if args.json:
+        print(json.dumps({"level": tok.kind, "size": tok.vocab_size,
+                          "tokens": [{"id": i, "token": t, "count": c} for i, t, c in shown]}, ensure_ascii=False))
+        return 0
+    total = sum(c for c in counts if c) or None
+    print(f"# {tok.kind} vocabulary, {tok.vocab_size} tokens" + (f", {total:,} in the training text" if total else ""))
+    print(f"{'id':>6}  {'count':>10}  {'share':>6}  token")
+    for i, token, count in shown:
+        share = f"{100 * count / total:5.2f}%" if total and count is not None else "     -"
+        print(f"{i:>6}  {count if count is not None else '-':>10}  {share}  {token!r}")
+    if len(shown) < len(rows):
+        print(f"... {len(rows) - len(shown)} more (--top 0 shows all)")
     return 0
 
 
@@ -296,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="sample only from the top-p probability mass (1: off)")
     gen.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
     gen.add_argument("--seed", type=int, default=None, help="random seed for a repeatable sample (default: random)")
-    gen.add_argument("--unknown", choices=["error", "skip"], default="error",
-                     help="what to do with prime characters the model never saw (default: error)")
+    gen.add_argument("--unknown", choices=["error", "skip", "unk"], default=None,
+                     help="prime pieces the model never saw: error, skip them, or map them to <unk> "
+                          "(default: error for characters, unk for words)")
     gen.add_argument("--continuation-only", action="store_true", help="print only the new text, not the prime")
     gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
     gen.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -309,13 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--corpus", metavar="NAME", help="a named corpus to evaluate on")
     ev.add_argument("--encoding", default="utf-8", help="encoding of --text (default: utf-8)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--unknown", choices=["error", "skip"], default="error",
-                    help="what to do with characters the model never saw (default: error)")
+    ev.add_argument("--unknown", choices=["error", "skip", "unk"], default=None,
+                    help="tokens the model never saw: error, skip them, or map them to <unk> "
+                         "(default: error for characters, unk for words)")
     ev.add_argument("--batch-size", type=int, default=0, help="parallel streams (default: the training batch size)")
     ev.add_argument("--seq-len", type=int, default=0, help="window length (default: the training one)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
     ev.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ev.set_defaults(func=cmd_eval)
+
+    voc = sub.add_parser("vocab", help="show a checkpoint's vocabulary with how often each token occurs")
+    voc.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    voc.add_argument("--top", type=int, default=50, help="show this many tokens (0: all; default: 50)")
+    voc.add_argument("--sort", choices=["count", "id"], default="count", help="order (default: by count)")
+    voc.add_argument("--json", action="store_true", help="print one JSON object")
+    voc.set_defaults(func=cmd_vocab)
 
     corp = sub.add_parser("corpora", help="list or fetch the named corpora")
     corp.add_argument("action", choices=["list", "fetch"], help="list the corpora, or fetch some into the cache")

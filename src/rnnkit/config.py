@@ -40,7 +40,12 @@ class DataConfig:
 
     text: str | None = knob(None, "a UTF-8 text file, or a folder of .txt files, to train on")
     corpus: str | None = knob(None, "a named corpus (see `rnnkit corpora list`), fetched and cached")
-    level: Literal["char"] = knob("char", "tokenization level")
+    level: Literal["char", "word", "bpe"] = knob("char", "tokenization level: characters, words, or byte-level BPE")
+    lowercase: bool = knob(False, "word level: lower-case the text before splitting")
+    eos: bool = knob(False, "word level: add an <eos> token at each line end (keeps line breaks)")
+    min_freq: int = knob(1, "word level: words seen fewer times become <unk>")
+    max_vocab: int = knob(0, "word level: keep at most this many tokens, specials included (0: no limit)")
+    vocab_size: int = knob(2000, "bpe level: vocabulary size to train")
     encoding: str = knob("utf-8", "text encoding of --text")
     val_fraction: float = knob(0.05, "fraction of the text (its tail) held out for validation")
     test_fraction: float = knob(0.0, "fraction of the text (the very end) held out for testing")
@@ -53,6 +58,9 @@ class DataConfig:
     )
     target: Literal["all", "last"] = knob(
         "all", "all: predict every next token (many-to-many); last: only the window's last next token"
+    )
+    window: int = knob(
+        0, "many-to-one windows: N tokens in, the next one out (sets seq_len=N, target=last, random sampling)"
     )
 
 
@@ -288,6 +296,8 @@ def validate(config: RunConfig) -> None:
             raise RnnkitError(f"'{key}' must be a positive number, got {value}")
     non_negative = {
         "model.embedding_dim": m.embedding_dim,
+        "data.window": d.window,
+        "data.max_vocab": d.max_vocab,
         "train.clip": t.clip,
         "train.weight_decay": t.weight_decay,
         "train.max_steps": t.max_steps,
@@ -301,6 +311,11 @@ def validate(config: RunConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise RnnkitError(f"'{key}' must not be negative, got {value}")
+    if d.window:
+        # --window N is shorthand for the classic many-to-one set-up.
+        d.seq_len, d.target, d.sampling = d.window, "last", "random"
+    if d.min_freq < 1:
+        raise RnnkitError(f"'data.min_freq' must be at least 1, got {d.min_freq}")
     if not t.lr > 0:
         raise RnnkitError(f"'train.lr' must be positive, got {t.lr}")
     if not 0 <= m.dropout < 1:

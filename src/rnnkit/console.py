@@ -73,7 +73,7 @@ class ConsoleReporter(Reporter):
     def on_step(self, info: dict[str, Any]) -> None:
         status = (
             f"step {info['step']}  epoch {info['epoch']:.2f}  loss {info['loss']:.4f}  "
-            f"{human(info['tokens_per_s'])} tok/s"
+            f"acc {info['accuracy']:.3f}  {human(info['tokens_per_s'])} tok/s"
         )
         if self.progress is not None:
             done = info["time"] if self._by_time else info["step"]
@@ -83,6 +83,8 @@ class ConsoleReporter(Reporter):
             self.progress.update(self.task, completed=done, status=status)
         else:
             self.print(f"{status}  lr {info['lr']:.3g}  {info['time']:.0f}s")
+        if info.get("example"):
+            self.print(f"  {escape(info['example'])}")
 
     def on_eval(self, info: dict[str, Any]) -> None:
         if "val_loss" not in info:
@@ -95,7 +97,7 @@ class ConsoleReporter(Reporter):
         )
 
     def on_sample(self, prefix: str, text: str) -> None:
-        self.print(f"[dim]--- sample from {escape(repr(prefix))}:[/]\n{escape(prefix + text)}")
+        self.print(f"[dim]--- sample from {escape(repr(prefix))}:[/]\n{escape(text)}")
 
     def on_save(self, path: Path, names: tuple[str, ...]) -> None:
         pass  # the end-of-run summary says where checkpoints are

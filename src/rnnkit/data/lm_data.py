@@ -70,7 +70,9 @@ def split_ids(ids: np.ndarray, *, val_fraction: float, test_fraction: float) -> 
 def _cache_key(text: str, config: DataConfig) -> str:
     h = hashlib.sha256()
     h.update(text.encode("utf-8"))
-    h.update(json.dumps([CACHE_VERSION, config.level, config.val_fraction, config.test_fraction]).encode())
+    # Everything that changes the ids: the tokenizer's settings and the split.
+    h.update(json.dumps([CACHE_VERSION, config.level, config.lowercase, config.eos, config.min_freq, config.max_vocab,
+                         config.vocab_size, config.val_fraction, config.test_fraction]).encode())
     return h.hexdigest()
 
 
@@ -126,8 +128,12 @@ def prepare_lm_data(
         tokenizer, arrays, chars = cached
         from_cache = True
     else:
-        tokenizer = build_tokenizer(config.level, text)
+        if log is not None and len(text) >= 1_000_000:  # only where it takes a noticeable moment
+            log(f"building the {config.level} vocabulary and encoding {len(text):,} characters ...")
+        tokenizer = build_tokenizer(config, text)
         ids = tokenizer.encode(text)
+        # How often the model sees each token (after <unk> mapping): shown by `rnnkit vocab`.
+        tokenizer.counts = np.bincount(ids, minlength=tokenizer.vocab_size).tolist()
         train, val, test = split_ids(ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
         arrays = {"train": train, "val": val, "test": test}
         chars = len(text)

@@ -26,6 +26,7 @@ from rnnkit import checkpoint
 from rnnkit.config import RunConfig
 from rnnkit.data.batching import Batch, make_batcher
 from rnnkit.data.lm_data import LMData, save_lm_cache
+from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.generation import generate_ids
 from rnnkit.models.language_model import LanguageModel
@@ -62,6 +63,7 @@ class TrainResult:
     last_val_loss: float | None
     train_loss: float | None
     stopped_by: str
+    train_accuracy: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -86,6 +88,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # () mean loss of the batch, detached
+    correct: torch.Tensor  # () how many targets the argmax got right
+    count: int  # how many targets
+    predicted: torch.Tensor  # (B,) argmax at the last position, for the example line
+    state: State
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -94,8 +105,8 @@ def train_step(
     *,
     clip: float,
     device: torch.device,
-) -> tuple[torch.Tensor, State]:
-    """One optimizer step on one batch; returns the (detached) loss and the state to carry."""
+) -> StepOutput:
+    """One optimizer step on one batch; returns the loss, accuracy counts and the state to carry."""
     x = batch.x.to(device, non_blocking=True)
     y = batch.y.to(device, non_blocking=True)
     # Random windows start from zeros; sequential windows continue the previous
@@ -108,13 +119,27 @@ def train_step(
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
     optimizer.step()
-    return loss.detach(), state
+    with torch.no_grad():
+        scored = logits[:, -1] if y.dim() == 1 else logits  # (B, V) or (B, T, V)
+        predicted = scored.argmax(dim=-1)
+        correct = (predicted == y).sum()
+    return StepOutput(loss=loss.detach(), correct=correct, count=y.numel(),
+                      predicted=predicted if y.dim() == 1 else predicted[:, -1], state=state)
 
 
 def _default_prefixes(data: LMData) -> list[str]:
-    """A newline when the vocabulary has one (starts a fresh line of text), else the first token."""
+    """A newline for text with line breaks in its vocabulary, else the training text's first tokens."""
     tok = data.tokenizer
-    return ["\n"] if len(tok.encode("\n", unknown="skip")) else [tok.decode([int(data.train[0])])]
+    if tok.kind == "char" and len(tok.encode("\n", unknown="skip")):
+        return ["\n"]
+    return [tok.decode(data.train[: min(3, len(data.train))].tolist())]
+
+
+def _example(tokenizer: Tokenizer, batch: Batch, predicted: torch.Tensor) -> str:
+    """``[had a general] -> [council] vs [council]``: the window, its target and the guess."""
+    window = tokenizer.decode(batch.x[0, -8:].tolist())
+    target = batch.y[0] if batch.y.dim() == 1 else batch.y[0, -1]
+    return f"[{window}] -> [{tokenizer.decode([int(target)])}] vs [{tokenizer.decode([int(predicted[0])])}]"
 
 
 def train_language_model(
@@ -171,8 +196,10 @@ def train_language_model(
     best_val: float | None = None
     last_val: float | None = None
     recent_loss = torch.zeros((), device=device)
-    recent_count = 0
+    recent_correct = torch.zeros((), device=device, dtype=torch.long)
+    recent_count = recent_targets = 0
     last_train_loss: float | None = None
+    accuracy: float | None = None
     start = time.perf_counter()
     log_start, log_tokens = start, 0
     state = None
@@ -183,7 +210,8 @@ def train_language_model(
 
     def counters() -> dict[str, Any]:
         return {"step": step, "tokens": tokens, "epoch": step / steps_per_epoch, "seconds": round(elapsed(), 3),
-                "best_val_loss": best_val, "val_loss": last_val, "train_loss": last_train_loss}
+                "best_val_loss": best_val, "val_loss": last_val, "train_loss": last_train_loss,
+                "train_accuracy": accuracy, "default_prime": prefixes[0]}
 
     def save(names: tuple[str, ...]) -> None:
         path = checkpoint.save_to_run(
@@ -196,8 +224,8 @@ def train_language_model(
         nonlocal best_val, last_val
         record: dict[str, Any] = {"step": step, "time": round(elapsed(), 3), "lr": optimizer.param_groups[0]["lr"]}
         if len(data.val) >= 2:
-            loss, count = evaluate_lm(model, data.val, batch_size=d.batch_size, seq_len=d.seq_len,
-                                      max_tokens=t.eval_max_tokens)
+            loss, count, val_accuracy = evaluate_lm(model, data.val, batch_size=d.batch_size, seq_len=d.seq_len,
+                                      max_tokens=t.eval_max_tokens, window=d.window)
             chars = round(count * data.chars_per_token)
             val = lm_metrics(loss, tokens=count, chars=chars)
             last_val = loss
@@ -205,7 +233,7 @@ def train_language_model(
             if improved:
                 best_val = loss
             scheduler.step(loss)
-            record.update({f"val_{k}": v for k, v in val.items()})
+            record.update({f"val_{k}": v for k, v in val.items()}, val_accuracy=val_accuracy)
             reporter.on_eval({**record, "improved": improved, "best_val_loss": best_val})
             log_metrics(record)
             save(("best", "last") if improved else ("last",))
@@ -223,18 +251,21 @@ def train_language_model(
                 continue
             ids = generate_ids(model, prime.tolist(), length=t.sample_length,
                                temperature=t.sample_temperature, generator=sample_gen)[0]
-            reporter.on_sample(prefix, data.tokenizer.decode(ids))
+            reporter.on_sample(prefix, data.tokenizer.decode(prime.tolist() + ids))
 
     model.train()
     try:
         done = False
         while not done:
             for batch in batcher.epoch():
-                loss, state = train_step(model, optimizer, batch, state, clip=t.clip, device=device)
+                out = train_step(model, optimizer, batch, state, clip=t.clip, device=device)
+                state = out.state
                 step += 1
                 tokens += tokens_per_step
-                recent_loss += loss
+                recent_loss += out.loss
+                recent_correct += out.correct
                 recent_count += 1
+                recent_targets += out.count
 
                 if step % t.log_every == 0 or step == max_steps:
                     last_train_loss = (recent_loss / recent_count).item()
@@ -245,13 +276,17 @@ def train_language_model(
                     now = time.perf_counter()
                     rate = (tokens - log_tokens) / max(now - log_start, 1e-9)
                     log_start, log_tokens = now, tokens
+                    accuracy = recent_correct.item() / max(recent_targets, 1)
                     recent_loss.zero_()
-                    recent_count = 0
+                    recent_correct.zero_()
+                    recent_count = recent_targets = 0
                     record = {"step": step, "time": round(now - start, 3), "loss": last_train_loss,
-                              "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(rate, 1)}
+                              "accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"],
+                              "tokens_per_s": round(rate, 1)}
                     log_metrics(record)
+                    example = _example(data.tokenizer, batch, out.predicted) if d.target == "last" else None
                     reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
-                                      "epoch": step / steps_per_epoch})
+                                      "epoch": step / steps_per_epoch, "example": example})
 
                 if max_steps and step >= max_steps:
                     stopped_by, done = "steps", True
@@ -271,7 +306,7 @@ def train_language_model(
     metrics_file.close()
     result = TrainResult(
         steps=step, tokens=tokens, seconds=elapsed(), best_val_loss=best_val, last_val_loss=last_val,
-        train_loss=last_train_loss, stopped_by=stopped_by, history=history,
+        train_loss=last_train_loss, stopped_by=stopped_by, train_accuracy=accuracy, history=history,
     )
     reporter.on_end({**counters(), "stopped_by": stopped_by})
     return result
