@@ -62,8 +62,10 @@ class RandomWindows:
         self.batch_size = batch_size
         self.target = target
         self.rng = np.random.default_rng(seed)
-        # An "epoch" is as many windows as it takes to cover the text once on average.
-        self.steps_per_epoch = max(1, (len(ids) - 1) // (seq_len * batch_size))
+        # An "epoch" is as many batches as it takes to predict every token once on average:
+        # a window gives T targets (many-to-many) or just one (many-to-one).
+        targets_per_window = seq_len if target == "all" else 1
+        self.steps_per_epoch = max(1, (len(ids) - 1) // (targets_per_window * batch_size))
         self._offsets = np.arange(seq_len + 1)
 
     def batch(self) -> Batch:

@@ -142,7 +142,7 @@ def prepare_lm_data(
     if len(data.train) < config.seq_len + 1:
         raise RnnkitError(
             f"{source} gives {len(data.train)} training tokens, fewer than one window of {config.seq_len} + 1; "
-            "use a longer text or a smaller --seq-len"
+            "use a longer text or a smaller --seq-len (or --window)"
         )
     if config.val_fraction > 0 and len(data.val) < 2:
         raise RnnkitError(
