@@ -36,6 +36,7 @@ from rnnkit import __version__
 from rnnkit.config import ModelConfig, RunConfig
 from rnnkit.data.tokenizers import Tokenizer, tokenizer_from_dict
 from rnnkit.errors import RnnkitError
+from rnnkit.models.classifier import Classifier
 from rnnkit.models.language_model import LanguageModel
 
 FORMAT = "rnnkit-checkpoint"
@@ -56,10 +57,16 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def build_model(task: str, model_config: ModelConfig, vocab_size: int) -> nn.Module:
+def build_model(task: str, model_config: ModelConfig, vocab_size: int, meta: dict[str, Any]) -> nn.Module:
+    """The untrained network a checkpoint of ``task`` holds (``meta`` is its config.json)."""
     if task == "language_model":
         return LanguageModel(config=model_config, vocab_size=vocab_size)
-    raise RnnkitError(f"unknown task {task!r} in checkpoint (this rnnkit knows: language_model)")
+    if task == "classify":
+        labels = meta.get("labels")
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise RnnkitError("classifier checkpoint: config.json must list at least two 'labels'")
+        return Classifier(config=model_config, vocab_size=vocab_size, num_classes=len(labels))
+    raise RnnkitError(f"unknown task {task!r} in checkpoint (this rnnkit knows: language_model, classify)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -91,6 +98,7 @@ def write_checkpoint(
     task: str,
     run_config: RunConfig,
     state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write one complete checkpoint folder at ``path`` (which must not exist yet), atomically."""
     path = Path(path)
@@ -107,6 +115,7 @@ def write_checkpoint(
             "model": asdict(run_config.model),
             "run": run_config.to_dict(),
             "state": state,
+            **(extra or {}),  # task-specific facts, e.g. a classifier's labels
         }
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "tokenizer.json", tokenizer.to_dict())
@@ -225,7 +234,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", pre
         raise RnnkitError(
             f"checkpoint {folder}: config says {vocab_size} tokens but tokenizer.json has {tokenizer.vocab_size}"
         )
-    model = build_model(config.get("task", ""), run_config.model, tokenizer.vocab_size)
+    model = build_model(config.get("task", ""), run_config.model, tokenizer.vocab_size, config)
     try:
         missing_keys, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False, device="cpu")
     except (SafetensorError, OSError) as exc:

@@ -57,7 +57,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 kwargs.update(type=float, metavar="X")
             else:
                 kwargs["metavar"] = "PATH" if f.name in ("text", "out") else f.name.upper()
-            group.add_argument(_flag(f.name, f.metadata), **kwargs)
+            group.add_argument(_flag(f.name, f.metadata), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -95,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if old and not args.overwrite:
         raise RnnkitError(f"{out} already holds a training run; pass --overwrite to replace it, or choose another --out")
     reporter = ConsoleReporter(quiet=args.quiet)
+    if config.task == "classify":
+        return _train_classifier(config, out, old, reporter)
     data = prepare_lm_data(config.data, cache_dir=out / "data", log=reporter.print)
     for path in old:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -110,6 +112,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.quiet:
         stderr.print(f"checkpoints in {out}/checkpoints (best: validation loss {result.best_val_loss:.4f})"
                      if result.best_val_loss is not None else f"checkpoints in {out}/checkpoints")
+    return 0
+
+
+def _labelled_source(config: RunConfig, log) -> tuple[dict, str]:
+    """Read the labelled examples of ``--text``/``--data`` or ``--corpus``."""
+    from rnnkit.data import corpora
+    from rnnkit.data.classification import read_labelled
+
+    d = config.data
+    if d.text and d.corpus:
+        raise RnnkitError("give either --data/--text or --corpus, not both")
+    if d.corpus:
+        path, source = corpora.fetch(d.corpus, log=log), f"corpus {d.corpus}"
+    elif d.text:
+        path, source = d.text, str(d.text)
+    else:
+        raise RnnkitError("no labelled data: pass --data FILE.tsv|FOLDER or --corpus NAME")
+    sets = read_labelled(path, label_column=d.label_column, text_column=d.text_column, encoding=d.encoding, log=log)
+    return sets, source
+
+
+def _train_classifier(config: RunConfig, out: Path, old: list[Path], reporter) -> int:
+    from rnnkit.console import stderr
+    from rnnkit.data.classification import split_examples
+    from rnnkit.training.classify import prepare_classify_data, train_classifier
+
+    if config.data.level == "char":
+        config.data.level = "word"  # texts are classified from their words
+    sets, source = _labelled_source(config, reporter.print)
+    splits = split_examples(sets, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
+                            seed=config.train.seed)
+    data = prepare_classify_data(config, splits, source=source, log=reporter.print)
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        result = train_classifier(config, data, out_dir=out, reporter=reporter)
+    except KeyboardInterrupt:
+        reporter.close()
+        stderr.print(f"interrupted; the last weights are saved in {out}")
+        return 130
+    finally:
+        reporter.close()
+    (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
+    if result.test is not None:
+        (out / "test_metrics.json").write_text(json.dumps(result.test, indent=2) + "\n", encoding="utf-8")
+        if not reporter.quiet:
+            stderr.print(f"test accuracy {result.test['accuracy']:.4f} on {result.test['examples']} examples "
+                         f"(best validation accuracy {result.best_val_accuracy:.4f}); "
+                         f"details in {out}/test_metrics.json")
     return 0
 
 
@@ -238,10 +289,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rnnkit.training.evaluate import evaluate_lm
     from rnnkit.training.metrics import lm_metrics
 
-    if bool(args.text) == bool(args.corpus):
-        raise RnnkitError("pass exactly one of --text FILE_OR_FOLDER or --corpus NAME to evaluate on")
+    if sum(map(bool, (args.text, args.corpus, args.data))) != 1:
+        raise RnnkitError("pass exactly one of --text/--data PATH or --corpus NAME to evaluate on")
     set_threads(args.threads)
     ckpt = _load(args.checkpoint, args.device)
+    if ckpt.task == "classify":
+        return _eval_classifier(args, ckpt)
+    if args.data:
+        args.text = args.data
     if args.text:
         text = corpora.read_text(args.text, encoding=args.encoding)
     else:
@@ -269,6 +324,84 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  "
               f"bits/char {metrics['bits_per_char']:.4f}  accuracy {accuracy:.4f}  tokens {metrics['tokens']}")
+    return 0
+
+
+# ---------------------------------------------------------------- classify
+
+
+def _read_texts(path: str, text_column: str) -> list[str]:
+    """One text per line, or the text column of a TSV/CSV file with a header."""
+    from rnnkit.data import corpora
+
+    p = Path(path)
+    if p.suffix.lower() in (".tsv", ".csv"):
+        from rnnkit.data.classification import read_texts
+
+        return read_texts(p, text_column=text_column)
+    lines = [line for line in corpora.read_text(p).split("\n") if line.strip()]
+    if not lines:
+        raise RnnkitError(f"{p} has no texts to classify")
+    return lines
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from rnnkit.data.classification import BucketBatcher, Example, encode_examples
+    from rnnkit.runtime import set_threads
+    from rnnkit.training.classify import predict_proba
+
+    if bool(args.texts) == bool(args.file):
+        raise RnnkitError('give texts to classify as arguments, or --file FILE (not both)')
+    set_threads(args.threads)
+    ckpt = _load(args.checkpoint, args.device)
+    if ckpt.task != "classify":
+        raise RnnkitError(f"{args.checkpoint} is a {ckpt.task} checkpoint; `rnnkit classify` needs a classifier")
+    labels = ckpt.meta["labels"]
+    texts = args.texts or _read_texts(args.file, args.text_column)
+    examples = [Example(text=t, label=labels[0]) for t in texts]
+    run = ckpt.run_config.data
+    encoded = encode_examples(examples, tokenizer=ckpt.tokenizer, labels=labels, max_len=run.max_len,
+                              truncate=run.truncate, keep_empty=True)
+    batches = BucketBatcher(encoded, batch_size=256, pad_id=ckpt.model.pad_id, shuffle=False)
+    probs, _ = predict_proba(ckpt.model, batches)
+    out = sys.stdout
+    for text, p in zip(texts, probs, strict=True):
+        k = int(p.argmax())
+        if args.file:
+            out.write(f"{labels[k]}\t{p[k]:.4f}\t{text}\n")
+        else:
+            detail = "  ".join(f"{label} {q:.4f}" for label, q in zip(labels, p, strict=True))
+            out.write(f"{labels[k]}\t{p[k]:.4f}\t{text}\t({detail})\n" if args.all else f"{labels[k]}\t{p[k]:.4f}\t{text}\n")
+    return 0
+
+
+def _eval_classifier(args: argparse.Namespace, ckpt) -> int:
+    from rnnkit.data.classification import encode_examples, read_labelled
+    from rnnkit.training.classify import evaluate_classifier
+
+    path = args.data or args.text
+    if args.corpus:
+        from rnnkit.data import corpora
+
+        path = corpora.fetch(args.corpus)
+    run = ckpt.run_config.data
+    sets = read_labelled(path, label_column=args.label_column or run.label_column,
+                         text_column=args.text_column or run.text_column, encoding=args.encoding)
+    examples = sets.get("test") or [e for group in sets.values() for e in group]
+    labels = ckpt.meta["labels"]
+    encoded = encode_examples(examples, tokenizer=ckpt.tokenizer, labels=labels, max_len=run.max_len,
+                              truncate=run.truncate, unknown_label=args.unknown_label)
+    report = evaluate_classifier(ckpt.model, encoded, labels).report()
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"accuracy {report['accuracy']:.4f} on {report['examples']} examples (loss {report['loss']:.4f})")
+    print(f"{'label':<16} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for label, m in report["per_class"].items():
+        print(f"{label:<16} {m['precision']:>9.4f} {m['recall']:>9.4f} {m['f1']:>9.4f} {m['support']:>8}")
+    print("confusion matrix (rows: true, columns: predicted): " + ", ".join(labels))
+    for label, row in zip(labels, report["confusion_matrix"]["rows_true_columns_predicted"], strict=True):
+        print(f"{label:<16} " + " ".join(f"{c:>8}" for c in row))
     return 0
 
 
@@ -366,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
     ev.add_argument("--text", metavar="PATH", help="a text file or folder to evaluate on")
     ev.add_argument("--corpus", metavar="NAME", help="a named corpus to evaluate on")
+    ev.add_argument("--data", metavar="PATH", help="labelled TSV/CSV or folder (classifiers); same as --text")
+    ev.add_argument("--label-column", help="classifiers: label column (default: the training one)")
+    ev.add_argument("--text-column", help="classifiers: text column (default: the training one)")
+    ev.add_argument("--unknown-label", choices=["error", "skip"], default="error",
+                    help="classifiers: a label the model never saw is an error, or skipped (default: error)")
     ev.add_argument("--encoding", default="utf-8", help="encoding of --text (default: utf-8)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--unknown", choices=["error", "skip", "unk"], default=None,
@@ -376,6 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
     ev.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ev.set_defaults(func=cmd_eval)
+
+    cls = sub.add_parser("classify", help="label texts with a classifier checkpoint")
+    cls.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    cls.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    cls.add_argument("--file", metavar="PATH", help="classify one text per line, or a TSV/CSV's text column; "
+                                                    "prints label<TAB>probability<TAB>text")
+    cls.add_argument("--text-column", default="text", help="text column of a TSV/CSV --file (default: text)")
+    cls.add_argument("--all", action="store_true", help="also show every class's probability")
+    cls.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
+    cls.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    cls.set_defaults(func=cmd_classify)
 
     voc = sub.add_parser("vocab", help="show a checkpoint's vocabulary with how often each token occurs")
     voc.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")

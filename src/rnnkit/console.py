@@ -35,6 +35,7 @@ class ConsoleReporter(Reporter):
         self.live = console.is_terminal and not quiet
         self.progress: Progress | None = None
         self.task = None
+        self.rate_unit = "tok/s"
         self.start = time.perf_counter()
 
     def print(self, message: str) -> None:
@@ -43,6 +44,7 @@ class ConsoleReporter(Reporter):
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.start = time.perf_counter()
+        self.rate_unit = "examples/s" if info.get("unit") == "examples" else "tok/s"
         limits = []
         if info["max_steps"]:
             limits.append(f"{info['max_steps']} steps")
@@ -50,7 +52,8 @@ class ConsoleReporter(Reporter):
             limits.append(f"{info['max_time']:g} s")
         self.print(
             f"[bold]training[/] {human(info['parameters'])} parameters on {escape(info['source'])} "
-            f"({human(info['train_tokens'])} train / {human(info['val_tokens'])} validation tokens, "
+            f"({human(info['train_tokens'])} train / {human(info['val_tokens'])} validation "
+            f"{info.get('unit', 'tokens')}, "
             f"vocabulary {info['vocab_size']}{', cached ids' if info['from_cache'] else ''}) "
             f"on {info['device']}; {info['steps_per_epoch']} steps per epoch; stop after {' or '.join(limits)}"
         )
@@ -73,7 +76,7 @@ class ConsoleReporter(Reporter):
     def on_step(self, info: dict[str, Any]) -> None:
         status = (
             f"step {info['step']}  epoch {info['epoch']:.2f}  loss {info['loss']:.4f}  "
-            f"acc {info['accuracy']:.3f}  {human(info['tokens_per_s'])} tok/s"
+            f"acc {info['accuracy']:.3f}  {human(info['tokens_per_s'])} {self.rate_unit}"
         )
         if self.progress is not None:
             done = info["time"] if self._by_time else info["step"]
@@ -87,9 +90,14 @@ class ConsoleReporter(Reporter):
             self.print(f"  {escape(info['example'])}")
 
     def on_eval(self, info: dict[str, Any]) -> None:
-        if "val_loss" not in info:
-            return
         mark = "  [green]best[/]" if info.get("improved") else ""
+        if "val_perplexity" not in info:
+            if "epoch" in info and "train_accuracy" in info:  # a classifier's epoch summary
+                val = (f"  validation accuracy {info['val_accuracy']:.4f}  loss {info['val_loss']:.4f}"
+                       if "val_accuracy" in info else "")
+                self.print(f"[bold]epoch {info['epoch']}[/]  train accuracy {info['train_accuracy']:.4f}  "
+                           f"loss {info['train_loss']:.4f}{val}{mark}")
+            return
         self.print(
             f"[bold]step {info['step']}[/]  validation loss {info['val_loss']:.4f}  "
             f"perplexity {info['val_perplexity']:.2f}  bits/char {info['val_bits_per_char']:.3f}  "
@@ -106,8 +114,11 @@ class ConsoleReporter(Reporter):
         if self.progress is not None:
             self.progress.stop()
         best = f", best validation loss {info['best_val_loss']:.4f}" if info["best_val_loss"] is not None else ""
+        if info.get("best_val_accuracy") is not None:
+            best = f", best validation accuracy {info['best_val_accuracy']:.4f}"
+        tokens = f", {human(info['tokens'])} tokens" if info.get("tokens") else ""
         self.print(
-            f"[bold]done[/]: {info['step']} steps, {human(info['tokens'])} tokens in {info['seconds']:.0f} s "
+            f"[bold]done[/]: {info['step']} steps{tokens} in {info['seconds']:.0f} s "
             f"(stopped by {info['stopped_by']}){best}"
         )
 
