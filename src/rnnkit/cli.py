@@ -68,7 +68,8 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     for item in args.set or []:
         key, value = parse_override(item)
         set_value(config, key, value, source="--set")
-    given = {key: value for key, value in vars(args).items() if key == "out" or "." in key}
+    top_level = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS)
+    given = {key: value for key, value in vars(args).items() if key in top_level or "." in key}
     for key, value in given.items():
         set_value(config, key, value, source="command line")
     # A text source on the command line replaces the recipe's, whichever kind the recipe had.
@@ -333,11 +334,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _read_texts(path: str, text_column: str) -> list[str]:
     """One text per line, or the text column of a TSV/CSV file with a header."""
     from rnnkit.data import corpora
+    from rnnkit.data.classification import read_texts
 
     p = Path(path)
     if p.suffix.lower() in (".tsv", ".csv"):
-        from rnnkit.data.classification import read_texts
-
         return read_texts(p, text_column=text_column)
     lines = [line for line in corpora.read_text(p).split("\n") if line.strip()]
     if not lines:
@@ -346,12 +346,13 @@ def _read_texts(path: str, text_column: str) -> list[str]:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    from rnnkit.console import stderr
     from rnnkit.data.classification import BucketBatcher, Example, encode_examples
     from rnnkit.runtime import set_threads
     from rnnkit.training.classify import predict_proba
 
     if bool(args.texts) == bool(args.file):
-        raise RnnkitError('give texts to classify as arguments, or --file FILE (not both)')
+        raise RnnkitError("give texts to classify as arguments, or --file FILE (not both)")
     set_threads(args.threads)
     ckpt = _load(args.checkpoint, args.device)
     if ckpt.task != "classify":
@@ -361,17 +362,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
     examples = [Example(text=t, label=labels[0]) for t in texts]
     run = ckpt.run_config.data
     encoded = encode_examples(examples, tokenizer=ckpt.tokenizer, labels=labels, max_len=run.max_len,
-                              truncate=run.truncate, keep_empty=True)
+                              truncate=run.truncate, log=lambda m: stderr.print(f"warning: {m}"))
+    if len(encoded) == 0:
+        raise RnnkitError("no text has a word the model can read")
     batches = BucketBatcher(encoded, batch_size=256, pad_id=ckpt.model.pad_id, shuffle=False)
     probs, _ = predict_proba(ckpt.model, batches)
     out = sys.stdout
-    for text, p in zip(texts, probs, strict=True):
+    for i, p in zip(encoded.index, probs, strict=True):
         k = int(p.argmax())
-        if args.file:
-            out.write(f"{labels[k]}\t{p[k]:.4f}\t{text}\n")
-        else:
-            detail = "  ".join(f"{label} {q:.4f}" for label, q in zip(labels, p, strict=True))
-            out.write(f"{labels[k]}\t{p[k]:.4f}\t{text}\t({detail})\n" if args.all else f"{labels[k]}\t{p[k]:.4f}\t{text}\n")
+        line = f"{labels[k]}\t{p[k]:.4f}\t{texts[i]}"
+        if args.all:
+            line += "\t" + "  ".join(f"{label} {q:.4f}" for label, q in zip(labels, p, strict=True))
+        out.write(line + "\n")
     return 0
 
 
@@ -386,7 +388,7 @@ def _eval_classifier(args: argparse.Namespace, ckpt) -> int:
         path = corpora.fetch(args.corpus)
     run = ckpt.run_config.data
     sets = read_labelled(path, label_column=args.label_column or run.label_column,
-                         text_column=args.text_column or run.text_column, encoding=args.encoding)
+                         text_column=args.text_column or run.text_column, encoding=args.encoding, min_classes=1)
     examples = sets.get("test") or [e for group in sets.values() for e in group]
     labels = ckpt.meta["labels"]
     encoded = encode_examples(examples, tokenizer=ckpt.tokenizer, labels=labels, max_len=run.max_len,
@@ -443,7 +445,7 @@ def cmd_corpora(args: argparse.Namespace) -> int:
         for c in corpora.list_corpora():
             cached = corpora.cached_path(c.name)
             state = f"cached at {cached}" if cached else "not fetched"
-            print(f"{c.name:<18} {c.size_hint:>8}  {c.description}  [{c.licence}; {state}]")
+            print(f"{c.name:<24} {c.size_hint:>8}  {c.description}  [{c.licence}; {state}]")
         return 0
     names = args.names or []
     if not names:
