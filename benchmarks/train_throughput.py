@@ -1,0 +1,226 @@
+"""Training throughput: rnnkit's train_step next to a bare hand-written PyTorch loop.
+
+Side A ("rnnkit") is what ``rnnkit train`` runs per step: ``LanguageModel`` +
+``build_optimizer("adam")`` + ``train_step(..., clip=5.0)`` on
+``SequentialStreams`` batches, state carried between windows.
+
+Side B ("baseline") is the classic loop written out here: ``nn.Embedding`` ->
+``nn.LSTM(batch_first=True)`` -> ``nn.Linear``, cross-entropy, ``zero_grad``,
+backward, ``clip_grad_norm_(..., 5.0)``, ``Adam.step()``, with the same
+shapes, the same data and the same detached state carried between windows.
+
+Both sides live in one process and alternate (A B, B A, ...) over several
+repeats, because the host's speed drifts: only back-to-back figures compare.
+Prints one JSON object on stdout; progress goes to stderr.
+
+    .venv/bin/python benchmarks/train_throughput.py            # full run (~2-3 min on 2 cores)
+    .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run (a few seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Callable, Iterator
+
+import _common as common
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit.config import ModelConfig
+from rnnkit.data.batching import Batch, SequentialStreams
+from rnnkit.models.language_model import LanguageModel
+from rnnkit.training.loop import build_optimizer, train_step
+
+TARGET_RATIO = 0.95
+CLIP = 5.0
+
+
+class BareLM(nn.Module):
+    """The textbook model: embedding -> nn.LSTM -> linear head."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor, state=None):
+        out, state = self.lstm(self.embedding(x), state)  # (B, T, H)
+        return self.head(out), state  # (B, T, V)
+
+
+def bare_windows(ids: np.ndarray, batch: int, seq_len: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """The same B parallel streams as SequentialStreams, sliced by hand, forever."""
+    data = torch.from_numpy(ids)
+    stream_len = (len(ids) - 1) // batch
+    streams = torch.stack([data[b * stream_len : (b + 1) * stream_len + 1] for b in range(batch)])  # (B, L+1)
+    steps = stream_len // seq_len
+    while True:
+        for k in range(steps):
+            w = streams[:, k * seq_len : k * seq_len + seq_len + 1]
+            yield w[:, :-1].contiguous(), w[:, 1:].contiguous(), k == 0
+
+
+def make_rnnkit_side(args, ids: np.ndarray) -> tuple[Callable[[], float], int]:
+    config = ModelConfig(cell="lstm", hidden=args.hidden, layers=args.layers, input="embedding")
+    model = LanguageModel(config=config, vocab_size=args.vocab)
+    optimizer = build_optimizer("adam", model.parameters(), lr=args.lr, weight_decay=0.0)
+    batcher = SequentialStreams(ids, seq_len=args.seq_len, batch_size=args.batch)
+    batches: Iterator[Batch] = itertools.chain.from_iterable(batcher.epoch() for _ in itertools.count())
+    device = torch.device("cpu")
+    model.train()
+    carried = {"state": None}
+
+    def step() -> float:
+        out = train_step(model, optimizer, next(batches), carried["state"], clip=CLIP, device=device)
+        # train_step returns a StepOutput (loss, accuracy counts, state); older versions a (loss, state) tuple.
+        loss, carried["state"] = out if isinstance(out, tuple) else (out.loss, out.state)
+        return float(loss)
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def make_baseline_side(args, ids: np.ndarray) -> tuple[Callable[[], float], int]:
+    model = BareLM(args.vocab, args.hidden, args.layers)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    windows = bare_windows(ids, args.batch, args.seq_len)
+    model.train()
+    carried = {"state": None}
+
+    def step() -> float:
+        x, y, reset = next(windows)
+        state = carried["state"]
+        state = None if reset else tuple(s.detach() for s in state)  # truncated BPTT
+        logits, carried["state"] = model(x, state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        return float(loss.detach())
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def timed(step: Callable[[], float], n: int) -> tuple[float, float, int, float]:
+    """Run n steps; return (seconds, last loss, minor page faults, CPU seconds)."""
+    f0, c0, t0 = common.minor_faults(), common.cpu_time(), common.now()
+    loss = float("nan")
+    for _ in range(n):
+        loss = step()
+    return common.now() - t0, loss, common.minor_faults() - f0, common.cpu_time() - c0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke run of a few seconds")
+    p.add_argument("--repeats", type=int, default=None, help="A/B repetitions (default 5; quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per side per repeat (default 8; quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per side first (default 2; quick 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--hidden", type=int, default=None, help="hidden units per layer (default 512; quick 64)")
+    p.add_argument("--layers", type=int, default=2, help="stacked LSTM layers")
+    p.add_argument("--batch", type=int, default=None, help="batch size B (default 64; quick 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length T (default 100; quick 20)")
+    p.add_argument("--vocab", type=int, default=80, help="vocabulary size of the synthetic tokens")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed for data and weights")
+    p.add_argument("--malloc", choices=["dynamic", "no-mmap"], default="dynamic",
+                   help="dynamic: glibc as a normal process has it (big buffers mmapped and page-faulted in "
+                        "again every step); no-mmap: serve every block from the heap and keep it (both sides)")
+    args = p.parse_args(argv)
+    defaults = {  # (full, quick)
+        "repeats": (5, 2), "steps": (8, 2), "warmup": (2, 1), "hidden": (512, 64), "batch": (64, 8),
+        "seq_len": (100, 20),
+    }
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    common.setup(args.threads, args.seed)
+    malloc_set = args.malloc == "no-mmap" and common.set_malloc(*common.NO_MMAP_MALLOC)
+    # Enough text for 20 windows per stream; epochs repeat (state resets at each start).
+    ids = common.synthetic_ids(args.batch * args.seq_len * 20 + 1, args.vocab, args.seed)
+
+    torch.manual_seed(args.seed)
+    rnnkit_step, rnnkit_params = make_rnnkit_side(args, ids)
+    torch.manual_seed(args.seed)
+    baseline_step, baseline_params = make_baseline_side(args, ids)
+    sides = {"rnnkit": rnnkit_step, "baseline": baseline_step}
+    tokens_per_step = args.batch * args.seq_len
+
+    common.log(f"train_throughput: {args.layers}x{args.hidden} LSTM, B={args.batch} T={args.seq_len} "
+               f"V={args.vocab}, {args.threads} threads, {args.repeats} repeats x {args.steps} steps, "
+               f"malloc {'no-mmap' if malloc_set else 'left alone'}")
+    for name, step in sides.items():
+        seconds, loss, _, _ = timed(step, args.warmup)
+        common.log(f"  warm-up {name}: {args.warmup} steps in {seconds:.2f} s (loss {loss:.3f})")
+
+    per_repeat: dict[str, list[float]] = {name: [] for name in sides}
+    last_loss: dict[str, float] = {}
+    faults: dict[str, list[float]] = {name: [] for name in sides}
+    shares: dict[str, list[float]] = {name: [] for name in sides}
+    load_before = common.load_average()
+    for r in range(args.repeats):
+        order = ["rnnkit", "baseline"] if r % 2 == 0 else ["baseline", "rnnkit"]
+        for name in order:
+            seconds, last_loss[name], n_faults, cpu = timed(sides[name], args.steps)
+            faults[name].append(n_faults / args.steps)
+            shares[name].append(common.cpu_share(cpu, seconds, args.threads))
+            per_repeat[name].append(round(args.steps * tokens_per_step / seconds, 1))
+        common.log(f"  repeat {r + 1}/{args.repeats}: rnnkit {per_repeat['rnnkit'][-1]:,.0f} tok/s, "
+                   f"baseline {per_repeat['baseline'][-1]:,.0f} tok/s (cpu share {shares['rnnkit'][-1]:.2f} / "
+                   f"{shares['baseline'][-1]:.2f})")
+
+    clean = common.clean_repeats(shares)
+    if len(clean) < args.repeats:
+        common.log(f"  warning: {args.repeats - len(clean)} repeat(s) ran while another process took CPU time "
+                   f"(cpu share well below the best); see ratio_clean_repeats")
+    rnnkit_tps = common.median(per_repeat["rnnkit"])
+    baseline_tps = common.median(per_repeat["baseline"])
+    ratio = rnnkit_tps / baseline_tps
+    # The same pairing per repeat (both sides of one repeat ran back to back).
+    paired = [a / b for a, b in zip(per_repeat["rnnkit"], per_repeat["baseline"], strict=True)]
+    result = {
+        "benchmark": "train_throughput",
+        "quick": args.quick,
+        **common.environment(args.threads),
+        "shapes": {
+            "cell": "lstm", "layers": args.layers, "hidden": args.hidden, "embedding_dim": args.hidden,
+            "vocab": args.vocab, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens_per_step,
+            "rnnkit_parameters": rnnkit_params, "baseline_parameters": baseline_params,
+        },
+        "optimizer": "adam", "lr": args.lr, "clip": CLIP, "data": "SequentialStreams over uniform random ids",
+        "repeats": args.repeats, "steps_per_repeat": args.steps, "warmup_steps": args.warmup,
+        "rnnkit_tokens_per_s": round(rnnkit_tps, 1),
+        "baseline_tokens_per_s": round(baseline_tps, 1),
+        "ratio": round(ratio, 4),
+        "paired_ratios": [round(x, 4) for x in paired],
+        "clean_repeats": clean,
+        "ratio_clean_repeats": round(
+            common.median([per_repeat["rnnkit"][i] for i in clean])
+            / common.median([per_repeat["baseline"][i] for i in clean]), 4) if clean else None,
+        "ratio_of_best": round(max(per_repeat["rnnkit"]) / max(per_repeat["baseline"]), 4),
+        "target_ratio": TARGET_RATIO,
+        "meets_target": bool(ratio >= TARGET_RATIO),
+        "rnnkit_tokens_per_s_per_repeat": per_repeat["rnnkit"],
+        "baseline_tokens_per_s_per_repeat": per_repeat["baseline"],
+        "cpu_share_per_repeat": shares,
+        "load_average_before_after": [load_before, common.load_average()],
+        "last_loss": {k: round(v, 4) for k, v in last_loss.items()},
+        "malloc": "every block from the heap (glibc M_MMAP_MAX=0)" if malloc_set else "left to the C library",
+        "minor_page_faults_per_step": {k: round(common.median(v)) for k, v in faults.items()},
+        "peak_rss_mib": common.peak_rss_mib(),
+    }
+    common.emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The benchmark scripts still run: each --quick run prints one JSON object with its headline keys.
+
+Their figures are not asserted (speed is measured, never tested); only that the scripts work.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+CASES = {
+    "train_throughput.py": {"rnnkit_tokens_per_s", "baseline_tokens_per_s", "ratio"},
+    "generate_throughput.py": {"stateful_chars_per_s", "refeed_chars_per_s", "speedup", "batched64_chars_per_s"},
+    "scratch_vs_fused.py": {"ratio"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_quick_run_prints_json(script):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert CASES[script] <= set(result)
+    assert all(result[key] > 0 for key in CASES[script])
