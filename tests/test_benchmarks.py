@@ -28,3 +28,13 @@ def test_benchmark_quick_run_prints_json(script):
     result = json.loads(proc.stdout)
     assert CASES[script] <= set(result)
     assert all(result[key] > 0 for key in CASES[script])
+
+
+@pytest.mark.slow
+def test_sentiment_benchmark_quick_run(shared_corpora):
+    proc = subprocess.run([sys.executable, str(BENCH / "sentiment.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    for name in ("classic", "best"):
+        assert 0 <= result[name]["test_accuracy"] <= 1 and result[name]["seconds"] > 0
