@@ -101,3 +101,15 @@ def test_top_k_and_top_p_filtering():
     gen = torch.Generator().manual_seed(0)
     draws = {sample_next(logits, temperature=1, top_k=2, generator=gen).item() for _ in range(200)}
     assert draws == {0, 1}
+
+
+def test_windowed_generation_rereads_the_last_n_tokens_from_a_zero_state():
+    """Many-to-one models generate as they were trained: each step sees only the last N tokens."""
+    model = make()
+    prime, n = [1, 5, 7, 2, 9], 3
+    new = generate_ids(model, prime, length=10, temperature=0, window=n)[0]
+    seq = prime + new
+    with torch.no_grad():
+        for k in range(len(prime), len(seq)):
+            logits, _ = model(torch.tensor([seq[k - n : k]]))
+            assert logits[0, -1].argmax().item() == seq[k]

@@ -241,6 +241,7 @@ class _StreamText:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from rnnkit.config import generation_window
     from rnnkit.generation import check_sampling, generate
     from rnnkit.runtime import set_threads
 
@@ -261,7 +262,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for temperature in args.temperature:
         gen = torch.Generator().manual_seed(seed)
         steps = generate(ckpt.model, prime, length=args.length, temperature=temperature, top_k=args.top_k,
-                         top_p=args.top_p, num_samples=args.num_samples, generator=gen)
+                         top_p=args.top_p, num_samples=args.num_samples, generator=gen,
+                         window=generation_window(ckpt.run_config))
         if args.num_samples == 1:
             if headers:
                 out.write(f"----- temperature {temperature:g} -----\n")

@@ -146,6 +146,16 @@ class RunConfig:
 SECTIONS = ("data", "model", "train")
 
 
+def generation_window(config: RunConfig) -> int:
+    """How many tokens a model trained this way reads per prediction (0: all, with carried state).
+
+    A many-to-one model (``target = "last"``) learned from windows of ``seq_len``
+    tokens that start from a zero state, so it generates from such windows too.
+    """
+    d = config.data
+    return d.seq_len if d.target == "last" else 0
+
+
 def _describe(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))

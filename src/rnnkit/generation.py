@@ -67,10 +67,14 @@ def generate(
     top_p: float = 1.0,
     num_samples: int = 1,
     generator: torch.Generator | None = None,
+    window: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Yield ``length`` steps of new ids, each a (num_samples,) tensor on the CPU.
 
     All samples share the prime and are generated together as one batch.
+    ``window`` N > 0 is for many-to-one models, trained to read exactly N tokens
+    from a zero state: each step then re-reads the last N tokens, as the model
+    was trained (a carried state would take it where training never went).
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if len(prime) == 0:
@@ -80,6 +84,10 @@ def generate(
     try:
         device = next(model.parameters()).device
         ids = torch.as_tensor(list(prime), dtype=torch.long, device=device)
+        if window:
+            yield from _generate_windowed(model, ids, length=length, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, num_samples=num_samples, generator=generator, window=window)
+            return
         logits, state = model(ids.unsqueeze(0))  # prime once: (1, P, V)
         state = tuple(s.repeat(1, num_samples, 1) for s in state)  # (L, N, H)
         logits = logits[:, -1].expand(num_samples, -1)  # (N, V)
@@ -93,6 +101,18 @@ def generate(
             logits = logits[:, -1]
     finally:
         model.train(was_training)
+
+
+def _generate_windowed(model: nn.Module, ids: torch.Tensor, *, length: int, temperature: float, top_k: int,
+                       top_p: float, num_samples: int, generator: torch.Generator | None,
+                       window: int) -> Iterator[torch.Tensor]:
+    recent = ids[-window:].unsqueeze(0).repeat(num_samples, 1)  # (N, <=W)
+    for _ in range(length):
+        logits, _ = model(recent)  # a fresh zero state every step: (N, W, V)
+        nxt = sample_next(logits[:, -1].float().cpu(), temperature=temperature, top_k=top_k, top_p=top_p,
+                          generator=generator)
+        yield nxt
+        recent = torch.cat([recent, nxt.to(recent.device).unsqueeze(1)], dim=1)[:, -window:]
 
 
 def generate_ids(model: nn.Module, prime: Sequence[int], **kwargs) -> list[list[int]]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit import checkpoint
-from rnnkit.config import RunConfig
+from rnnkit.config import RunConfig, generation_window
 from rnnkit.data.batching import Batch, make_batcher
 from rnnkit.data.lm_data import LMData, save_lm_cache
 from rnnkit.data.tokenizers import Tokenizer
@@ -249,8 +249,8 @@ def train_language_model(
             prime = data.tokenizer.encode(prefix, unknown="skip")
             if len(prime) == 0:
                 continue
-            ids = generate_ids(model, prime.tolist(), length=t.sample_length,
-                               temperature=t.sample_temperature, generator=sample_gen)[0]
+            ids = generate_ids(model, prime.tolist(), length=t.sample_length, temperature=t.sample_temperature,
+                               generator=sample_gen, window=generation_window(config))[0]
             reporter.on_sample(prefix, data.tokenizer.decode(prime.tolist() + ids))
 
     model.train()
