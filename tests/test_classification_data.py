@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import io
 import os
 import pathlib
 import subprocess
 import tarfile
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from httpserver import LocalServer  # tests/httpserver.py
 from rnnkit.data import corpora
 from rnnkit.data.classification import (
     BucketBatcher,
@@ -442,38 +441,7 @@ def test_shared_movie_review_sentences(shared_corpora: pathlib.Path) -> None:
 # --- named corpora: imdb from a local server -----------------------------------------
 
 
-class _Server:
-    """A http.server on 127.0.0.1 with a free port, serving `files` and counting requests."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        files, requests = self.files, self.requests
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                requests.append(self.path)
-                body = files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+_Server = LocalServer
 
 
 @pytest.fixture

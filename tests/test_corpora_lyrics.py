@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import io
 import pathlib
-import threading
 import urllib.parse
 import zipfile
 from collections.abc import Iterator
 
 import pytest
 
+from httpserver import LocalServer  # tests/httpserver.py
 from rnnkit.data import corpora
 from rnnkit.errors import RnnkitError
 
@@ -32,38 +31,7 @@ def zipped(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-class _Server:
-    """http.server on 127.0.0.1 (free port) serving `files`, counting requests."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        files, requests = self.files, self.requests
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                requests.append(self.path)
-                body = files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+_Server = LocalServer
 
 
 @pytest.fixture
