@@ -9,7 +9,6 @@ with the best weights.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +26,7 @@ from rnnkit.data.classification import BucketBatcher, EncodedSet, Example, build
 from rnnkit.data.tokenizers import Tokenizer, build_tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.models.classifier import Classifier
-from rnnkit.runtime import resolve_device, seed_everything, set_threads
-from rnnkit.training.loop import Reporter, build_optimizer
+from rnnkit.training.loop import MetricsLog, Reporter, build_optimizer, prepare_run
 
 TASK = "classify"
 
@@ -148,9 +146,7 @@ def train_classifier(
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
     d, t = config.data, config.train
-    set_threads(t.threads)
-    seed_everything(t.seed)
-    device = resolve_device(t.device)
+    device = prepare_run(config)
     if len(data.train.labels) == 0:
         raise RnnkitError("no training examples left after encoding")
     model = Classifier(config=config.model, vocab_size=data.tokenizer.vocab_size, num_classes=len(data.labels))
@@ -162,13 +158,7 @@ def train_classifier(
     max_steps = min(t.max_steps, epochs * steps_per_epoch) if t.max_steps else epochs * steps_per_epoch
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
-    history: list[dict[str, Any]] = []
-
-    def log_metrics(record: dict[str, Any]) -> None:
-        history.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+    log_metrics = MetricsLog(out_dir / "metrics.jsonl")
 
     reporter.on_start({
         "device": str(device), "parameters": model.num_parameters(), "vocab_size": data.tokenizer.vocab_size,
@@ -246,18 +236,18 @@ def train_classifier(
     except KeyboardInterrupt:
         if step:
             save(("last",), epoch, None)
-        metrics_file.close()
+        log_metrics.close()
         raise
     test_report = None
     if len(data.test.labels):
         best_model = checkpoint.load_checkpoint(out_dir, device=device).model
         test_report = evaluate_classifier(best_model, data.test, data.labels).report()
         log_metrics({"step": step, "test_accuracy": test_report["accuracy"], "test_loss": test_report["loss"]})
-    metrics_file.close()
+    log_metrics.close()
     seconds = time.perf_counter() - start
     reporter.on_end({"step": step, "tokens": 0, "seconds": seconds, "stopped_by": stopped_by,
                      "best_val_loss": None, "best_val_accuracy": best,
                      "test_accuracy": test_report["accuracy"] if test_report else None})
     return ClassifyResult(epochs=epoch, seconds=seconds, best_val_accuracy=best, test=test_report,
-                          stopped_by=stopped_by, history=history)
+                          stopped_by=stopped_by, history=log_metrics.history)
 

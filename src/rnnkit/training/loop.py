@@ -54,6 +54,30 @@ class Reporter:
     def on_end(self, info: dict[str, Any]) -> None: ...
 
 
+class MetricsLog:
+    """``RUN/metrics.jsonl``: one JSON record per line, flushed as written, and kept in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.history: list[dict[str, Any]] = []
+        self._file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def prepare_run(config: RunConfig) -> torch.device:
+    """Threads, seeds and device for a training run of any task."""
+    t = config.train
+    set_threads(t.threads)
+    seed_everything(t.seed)
+    return resolve_device(t.device)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -153,9 +177,7 @@ def train_language_model(
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
     d, t = config.data, config.train
-    set_threads(t.threads)
-    seed_everything(t.seed)
-    device = resolve_device(t.device)
+    device = prepare_run(config)
 
     model = LanguageModel(config=config.model, vocab_size=data.tokenizer.vocab_size).to(device)
     optimizer = build_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -177,13 +199,7 @@ def train_language_model(
     # Everything is checked: only now does anything land on disk.
     out_dir.mkdir(parents=True, exist_ok=True)
     save_lm_cache(data, out_dir / "data")
-    metrics_file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
-    history: list[dict[str, Any]] = []
-
-    def log_metrics(record: dict[str, Any]) -> None:
-        history.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+    log_metrics = MetricsLog(out_dir / "metrics.jsonl")
 
     reporter.on_start({
         "device": str(device), "parameters": model.num_parameters(), "vocab_size": data.tokenizer.vocab_size,
@@ -301,12 +317,12 @@ def train_language_model(
     except KeyboardInterrupt:
         if step > 0:
             save(("last",))
-        metrics_file.close()
+        log_metrics.close()
         raise
-    metrics_file.close()
+    log_metrics.close()
     result = TrainResult(
         steps=step, tokens=tokens, seconds=elapsed(), best_val_loss=best_val, last_val_loss=last_val,
-        train_loss=last_train_loss, stopped_by=stopped_by, train_accuracy=accuracy, history=history,
+        train_loss=last_train_loss, stopped_by=stopped_by, train_accuracy=accuracy, history=log_metrics.history,
     )
     reporter.on_end({**counters(), "stopped_by": stopped_by})
     return result
