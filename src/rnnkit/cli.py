@@ -99,21 +99,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.task == "classify":
         return _train_classifier(config, out, old, reporter)
     data = prepare_lm_data(config.data, cache_dir=out / "data", log=reporter.print)
-    for path in old:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    try:
-        result = train_language_model(config, data, out_dir=out, reporter=reporter)
-    except KeyboardInterrupt:
-        reporter.close()
-        stderr.print(f"interrupted; the last weights are saved in {out} (use it with `rnnkit generate --checkpoint {out}`)")
+    result = _run(lambda: train_language_model(config, data, out_dir=out, reporter=reporter), config, out, old,
+                  reporter)
+    if result is None:
         return 130
-    finally:
-        reporter.close()
-    (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
     if not args.quiet:
         stderr.print(f"checkpoints in {out}/checkpoints (best: validation loss {result.best_val_loss:.4f})"
                      if result.best_val_loss is not None else f"checkpoints in {out}/checkpoints")
     return 0
+
+
+def _run(train, config: RunConfig, out: Path, old: list[Path], reporter):
+    """Replace an old run (only now that the new one is known to start), train, save config.toml.
+
+    Returns the training result, or None after Ctrl-C (the last weights are saved by then).
+    """
+    from rnnkit.console import stderr
+
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    try:
+        result = train()
+    except KeyboardInterrupt:
+        reporter.close()
+        stderr.print(f"interrupted; the last weights are saved in {out} (load them with --checkpoint {out})")
+        return None
+    finally:
+        reporter.close()
+    (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
+    return result
 
 
 def _labelled_source(config: RunConfig, log) -> tuple[dict, str]:
@@ -145,17 +159,9 @@ def _train_classifier(config: RunConfig, out: Path, old: list[Path], reporter) -
     splits = split_examples(sets, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
                             seed=config.train.seed)
     data = prepare_classify_data(config, splits, source=source, log=reporter.print)
-    for path in old:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    try:
-        result = train_classifier(config, data, out_dir=out, reporter=reporter)
-    except KeyboardInterrupt:
-        reporter.close()
-        stderr.print(f"interrupted; the last weights are saved in {out}")
+    result = _run(lambda: train_classifier(config, data, out_dir=out, reporter=reporter), config, out, old, reporter)
+    if result is None:
         return 130
-    finally:
-        reporter.close()
-    (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
     if result.test is not None:
         (out / "test_metrics.json").write_text(json.dumps(result.test, indent=2) + "\n", encoding="utf-8")
         if not reporter.quiet:
