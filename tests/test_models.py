@@ -113,3 +113,18 @@ def test_windowed_generation_rereads_the_last_n_tokens_from_a_zero_state():
         for k in range(len(prime), len(seq)):
             logits, _ = model(torch.tensor([seq[k - n : k]]))
             assert logits[0, -1].argmax().item() == seq[k]
+
+
+def test_single_step_sees_weights_changed_after_an_earlier_step():
+    """The step caches fused weights; an optimizer update or a load must invalidate them."""
+    model = make("lstm")
+    ids = torch.randint(0, 30, (2, 1))
+    with torch.inference_mode():
+        model(ids)  # fills the cache
+    with torch.no_grad():
+        model.recurrent.rnn.weight_hh_l0.add_(0.5)  # in place, as optimizer.step does
+    with torch.inference_mode():
+        stepped, _ = model(ids)
+    with torch.no_grad():
+        full, _ = model(torch.cat([ids, ids], dim=1))  # the fused kernel, T > 1
+    assert torch.allclose(stepped[:, 0], full[:, 0], atol=1e-5)

@@ -160,6 +160,7 @@ class Recurrent(nn.Module):
         self.layers = layers
         self.nonlinearity = nonlinearity
         self.backend = backend
+        self._step_cache: dict[int, tuple] = {}  # layer -> (weight versions, [W_ih|W_hh]^T, b_ih + b_hh)
         # Dropout between layers only: applied to every layer's output but the last.
         between = dropout if layers > 1 else 0.0
         if backend == "fused":
@@ -200,12 +201,41 @@ class Recurrent(nn.Module):
         out, new_state = self.rnn(x, fused_state)  # out (B, T, H)
         return out, (tuple(new_state) if self.cell == "lstm" else (new_state,))
 
+    def _step_weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer k's [W_ih | W_hh] transposed to (I + H, G*H) and b_ih + b_hh, cached while the weights stay.
+
+        For one token, ``addmm(b, [x, h], W^T)`` is one matrix product over a row-major
+        (I + H, G*H) matrix; measured here it runs about twice as fast as two ``F.linear``
+        calls on the (G*H, I) and (G*H, H) weights. The cache is rebuilt whenever a
+        weight changes (training in between, loading a checkpoint).
+        """
+        weights = self.layer_weights(k)
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        cached = self._step_cache.get(k)
+        if cached is None or cached[0] != key:
+            w_ih, w_hh, b_ih, b_hh = weights
+            with torch.no_grad():
+                w_t = torch.cat([w_ih, w_hh], dim=1).t().contiguous()  # (I + H, G*H)
+                bias = (b_ih + b_hh).contiguous()
+            cached = (key, w_t, bias)
+            self._step_cache[k] = cached
+        return cached[1], cached[2]
+
     def _step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One time step through every layer with plain matrix products (no autograd)."""
         finals: list[State] = []
         for k in range(self.layers):
-            layer_state = step(self.cell, x, tuple(s[k] for s in state), self.layer_weights(k),
-                               nonlinearity=self.nonlinearity)
+            if self.cell == "gru":  # r gates only W_hn h + b_hn: the two products stay apart
+                layer_state = step(self.cell, x, tuple(s[k] for s in state), self.layer_weights(k))
+            else:
+                w_t, bias = self._step_weights(k)
+                pre = torch.addmm(bias, torch.cat([x, state[0][k]], dim=1), w_t)  # (B, G*H): W_ih x + W_hh h + b
+                if self.cell == "lstm":
+                    i, f, g, o = pre.chunk(4, dim=-1)  # the gates of cells.lstm_cell, same order
+                    c = torch.sigmoid(f) * state[1][k] + torch.sigmoid(i) * torch.tanh(g)
+                    layer_state = (torch.sigmoid(o) * torch.tanh(c), c)
+                else:
+                    layer_state = (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre),)
             finals.append(layer_state)
             x = layer_state[0]  # no inter-layer dropout: this path only runs in eval mode
         new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
