@@ -143,3 +143,11 @@ def emit(result: dict[str, Any]) -> None:
     """Print the one JSON object on stdout."""
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def fill_defaults(args: Any, defaults: dict[str, tuple[Any, Any]]) -> Any:
+    """Set every option left at None to its (full, quick) default."""
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args

@@ -79,10 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "dynamic: leave glibc alone")
     args = p.parse_args(argv)
     defaults = {"repeats": (5, 2), "hidden": (512, 64), "length": (300, 20)}  # (full, quick)
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    return args
+    return common.fill_defaults(args, defaults)
 
 
 def main(argv: list[str] | None = None) -> None:

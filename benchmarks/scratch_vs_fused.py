@@ -86,10 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data")
     args = p.parse_args(argv)
     defaults = {"repeats": (9, 2), "steps": (5, 1), "warmup": (3, 1)}  # (full, quick)
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    return args
+    return common.fill_defaults(args, defaults)
 
 
 def main(argv: list[str] | None = None) -> None:

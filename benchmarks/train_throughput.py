@@ -136,10 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "repeats": (5, 2), "steps": (8, 2), "warmup": (2, 1), "hidden": (512, 64), "batch": (64, 8),
         "seq_len": (100, 20),
     }
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    return args
+    return common.fill_defaults(args, defaults)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,25 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh corpus cache folder for download tests."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("RNNKIT_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A local HTTP server on 127.0.0.1 that stands in for every corpus host (via RNNKIT_MIRROR)."""
+    from httpserver import LocalServer
+
+    served = LocalServer()
+    monkeypatch.setenv("RNNKIT_MIRROR", served.url)
+    yield served
+    served.close()
+
+
+@pytest.fixture
 def shared_corpora() -> Path:
     if not SHARED_CORPORA.is_dir():
         pytest.skip(f"real corpora not available at {SHARED_CORPORA}")

@@ -16,7 +16,7 @@ import pathlib
 import subprocess
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -443,13 +443,6 @@ def test_shared_movie_review_sentences(shared_corpora: pathlib.Path) -> None:
 
 _Server = LocalServer
 
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]:
-    served = _Server()
-    monkeypatch.setenv("RNNKIT_MIRROR", served.url)
-    yield served
-    served.close()
 
 
 IMDB_PATH = "/~amaas/data/sentiment/aclImdb_v1.tar.gz"

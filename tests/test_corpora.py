@@ -14,7 +14,7 @@ import os
 import pathlib
 import subprocess
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -171,13 +171,6 @@ def test_builtin_corpus(cache: pathlib.Path) -> None:
 
 _Server = LocalServer
 
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]:
-    served = _Server()
-    monkeypatch.setenv("RNNKIT_MIRROR", served.url)
-    yield served
-    served.close()
 
 
 TINY = "tiny-shakespeare"

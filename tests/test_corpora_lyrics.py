@@ -11,7 +11,6 @@ import io
 import pathlib
 import urllib.parse
 import zipfile
-from collections.abc import Iterator
 
 import pytest
 
@@ -34,19 +33,6 @@ def zipped(members: dict[str, bytes]) -> bytes:
 _Server = LocalServer
 
 
-@pytest.fixture
-def cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("RNNKIT_CACHE", str(folder))
-    return folder
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]:
-    served = _Server()
-    monkeypatch.setenv("RNNKIT_MIRROR", served.url)
-    yield served
-    served.close()
 
 
 def url_path() -> str:
