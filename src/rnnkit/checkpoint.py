@@ -59,14 +59,14 @@ class Checkpoint:
 
 def build_model(task: str, model_config: ModelConfig, vocab_size: int, meta: dict[str, Any]) -> nn.Module:
     """The untrained network a checkpoint of ``task`` holds (``meta`` is its config.json)."""
-    if task == "language_model":
+    if task in ("language_model", "echo"):  # echo: a language model over the task's symbols
         return LanguageModel(config=model_config, vocab_size=vocab_size)
     if task == "classify":
         labels = meta.get("labels")
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
             raise RnnkitError("classifier checkpoint: config.json must list at least two 'labels'")
         return Classifier(config=model_config, vocab_size=vocab_size, num_classes=len(labels))
-    raise RnnkitError(f"unknown task {task!r} in checkpoint (this rnnkit knows: language_model, classify)")
+    raise RnnkitError(f"unknown task {task!r} in checkpoint (this rnnkit knows: language_model, classify, echo)")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -98,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     reporter = ConsoleReporter(quiet=args.quiet)
     if config.task == "classify":
         return _train_classifier(config, out, old, reporter)
+    if config.task == "echo":
+        return _train_echo(config, out, old, reporter)
     data = prepare_lm_data(config.data, cache_dir=out / "data", log=reporter.print)
     result = _run(lambda: train_language_model(config, data, out_dir=out, reporter=reporter), config, out, old,
                   reporter)
@@ -168,6 +170,23 @@ def _train_classifier(config: RunConfig, out: Path, old: list[Path], reporter) -
             stderr.print(f"test accuracy {result.test['accuracy']:.4f} on {result.test['examples']} examples "
                          f"(best validation accuracy {result.best_val_accuracy:.4f}); "
                          f"details in {out}/test_metrics.json")
+    return 0
+
+
+def _train_echo(config: RunConfig, out: Path, old: list[Path], reporter) -> int:
+    from rnnkit.console import stderr
+    from rnnkit.training.echo import train_echo
+
+    if config.data.text or config.data.corpus:
+        raise RnnkitError("--task echo generates its own series; drop --text/--corpus "
+                          "(shape it with --series-length, --echo-step, --symbols)")
+    result = _run(lambda: train_echo(config, out_dir=out, reporter=reporter), config, out, old, reporter)
+    if result is None:
+        return 130
+    if not reporter.quiet:
+        best = result.history and max((r.get("val_accuracy", 0.0) for r in result.history), default=0.0)
+        stderr.print(f"checkpoints in {out}/checkpoints (best validation accuracy {best:.4f}); "
+                     f"draw the run with `rnnkit plot {out}`")
     return 0
 
 
@@ -259,6 +278,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise RnnkitError(f"--num-samples must be >= 1, got {args.num_samples}")
     set_threads(args.threads)
     ckpt = _load(args.checkpoint, args.device)
+    if ckpt.task != "language_model":
+        raise RnnkitError(f"{args.checkpoint} is a {ckpt.task} checkpoint; `rnnkit generate` needs a language model")
     tok = ckpt.tokenizer
     prime_text = args.prime if args.prime is not None else ckpt.meta.get("state", {}).get("default_prime", "\n")
     prime = _encode_prime(tok, prime_text, args.unknown)
@@ -298,10 +319,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rnnkit.training.evaluate import evaluate_lm
     from rnnkit.training.metrics import lm_metrics
 
-    if sum(map(bool, (args.text, args.corpus, args.data))) != 1:
-        raise RnnkitError("pass exactly one of --text/--data PATH or --corpus NAME to evaluate on")
     set_threads(args.threads)
     ckpt = _load(args.checkpoint, args.device)
+    if ckpt.task == "echo":
+        return _eval_echo(args, ckpt)
+    if sum(map(bool, (args.text, args.corpus, args.data))) != 1:
+        raise RnnkitError("pass exactly one of --text/--data PATH or --corpus NAME to evaluate on")
     if ckpt.task == "classify":
         return _eval_classifier(args, ckpt)
     if args.data:
@@ -333,6 +356,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  "
               f"bits/char {metrics['bits_per_char']:.4f}  accuracy {accuracy:.4f}  tokens {metrics['tokens']}")
+    return 0
+
+
+def _eval_echo(args: argparse.Namespace, ckpt) -> int:
+    """An echo model is scored on a fresh series of its own task (seeded by --seed)."""
+    from rnnkit.training.echo import evaluate_echo, streams_for
+
+    if args.text or args.corpus or args.data:
+        raise RnnkitError("an echo checkpoint is evaluated on a fresh generated series; drop --text/--corpus/--data")
+    streams = streams_for(ckpt.run_config, seed=args.seed)
+    result = evaluate_echo(ckpt.model, streams, streams.series(), device=next(ckpt.model.parameters()).device)
+    metrics = {"loss": result.loss, "accuracy": result.accuracy, "scored_steps": result.scored, "seed": args.seed}
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.4f} on {result.scored} steps of a fresh series "
+              f"(seed {args.seed})")
+    return 0
+
+
+# ---------------------------------------------------------------- plot
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from rnnkit import plots
+
+    run = Path(args.run_dir)
+    records = plots.read_metrics(run)
+    out = Path(args.out) if args.out else run / "plots" / "curves.png"
+    written = [plots.plot_run(records, out, title=run.resolve().name)]
+    if not args.no_echo and (run / "checkpoints").is_dir():
+        ckpt = _load(str(run), "cpu")
+        if ckpt.task == "echo":
+            from rnnkit.training.echo import evaluate_echo, streams_for
+
+            d = ckpt.run_config.data
+            streams = streams_for(ckpt.run_config, seed=args.seed)
+            result = evaluate_echo(ckpt.model, streams, streams.series(), device=next(ckpt.model.parameters()).device)
+            steps = [r["step"] for r in records if isinstance(r.get("loss"), (int, float))]
+            losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+            echo_path = out.with_name(f"{out.stem}-echo.png") if args.out else out.with_name("echo.png")
+            written.append(plots.plot_echo(
+                echo_path, losses=(steps, losses), x=result.x.numpy(), y=result.y.numpy(),
+                predicted=result.predicted.numpy(), symbols=d.symbols, offset=result.offset,
+                title=f"{run.resolve().name}: accuracy {result.accuracy:.4f} on a fresh series (last window shown)"))
+    for path in written:
+        print(path)
     return 0
 
 
@@ -570,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=0, help="window length (default: the training one)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
     ev.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ev.add_argument("--seed", type=int, default=0, help="echo checkpoints: seed of the fresh series (default: 0)")
     ev.set_defaults(func=cmd_eval)
 
     cls = sub.add_parser("classify", help="label texts with a classifier checkpoint")
@@ -582,6 +653,18 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
     cls.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     cls.set_defaults(func=cmd_classify)
+
+    plot = sub.add_parser("plot", help="draw a run's loss and validation curves (and the echo figure) as PNG",
+                          description="Read RUN_DIR/metrics.jsonl and draw training and validation loss and "
+                                      "accuracy against steps. For an echo run, also draw the echo figure: the "
+                                      "loss curve and, for each batch row, the input, target and predicted "
+                                      "symbols over the last window of a fresh series. Prints the files written.")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `rnnkit train --out`")
+    plot.add_argument("--out", metavar="FILE.png", help="where to write the curves (default: RUN_DIR/plots/curves.png;"
+                                                         " the echo figure goes beside it)")
+    plot.add_argument("--seed", type=int, default=0, help="echo runs: seed of the fresh series shown (default: 0)")
+    plot.add_argument("--no-echo", action="store_true", help="echo runs: draw only the curves")
+    plot.set_defaults(func=cmd_plot)
 
     voc = sub.add_parser("vocab", help="show a checkpoint's vocabulary with how often each token occurs")
     voc.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")

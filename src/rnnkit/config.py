@@ -51,7 +51,8 @@ class DataConfig:
     encoding: str = knob("utf-8", "text encoding of --text")
     val_fraction: float = knob(0.05, "fraction of the text (its tail) held out for validation")
     test_fraction: float = knob(0.0, "fraction of the text (the very end) held out for testing")
-    seq_len: int = knob(100, "window length T: tokens per training sequence")
+    seq_len: int = knob(100, "window length T: tokens per training sequence (echo: the BPTT window)",
+                        aliases=("--bptt",))
     batch_size: int = knob(64, "sequences per batch B")
     sampling: Literal["random", "sequential"] = knob(
         "sequential",
@@ -68,6 +69,10 @@ class DataConfig:
     window: int = knob(
         0, "many-to-one windows: N tokens in, the next one out (sets seq_len=N, target=last, random sampling)"
     )
+    series_length: int = knob(50_000, "echo: steps in each generated series (a new series every epoch)")
+    echo_step: int = knob(3, "echo: the target repeats the input this many steps later (longer than --bptt: "
+                             "the delayed-copy variant, out of reach of truncated BPTT)")
+    symbols: int = knob(2, "echo: how many distinct symbols (2: a bit stream; k: symbols 0..k-1)")
 
 
 @dataclass
@@ -118,14 +123,19 @@ class TrainConfig:
     sample_prefixes: list[str] = knob([], "prefixes to continue when sampling during training")
     sample_length: int = knob(200, "tokens per training-time sample")
     sample_temperature: float = knob(0.8, "temperature of training-time samples")
+    live_plot: str | None = knob(None, "echo: redraw this PNG during training (loss and the current window)")
+    plot_every: int = knob(200, "echo: redraw the live plot every N steps (a redraw takes ~0.25 s)")
+    show: bool = knob(False, "echo: also show the live plot in a window (needs a display)")
 
 
 @dataclass
 class RunConfig:
     """A whole training run."""
 
-    task: Literal["language_model", "classify"] = knob(
-        "language_model", "language_model: predict the next token; classify: label whole texts"
+    task: Literal["language_model", "classify", "echo"] = knob(
+        "language_model",
+        "language_model: predict the next token; classify: label whole texts; "
+        "echo: per-step labelling of a generated series (the echo task)",
     )
     out: str | None = knob(None, "run directory: checkpoints, logs and the encoded-data cache")
     data: DataConfig = field(default_factory=DataConfig)
@@ -321,6 +331,9 @@ def validate(config: RunConfig) -> None:
         "train.eval_every": t.eval_every,
         "train.log_every": t.log_every,
         "train.sample_length": t.sample_length,
+        "train.plot_every": t.plot_every,
+        "data.series_length": d.series_length,
+        "data.echo_step": d.echo_step,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -346,6 +359,10 @@ def validate(config: RunConfig) -> None:
     if d.window:
         # --window N is shorthand for the classic many-to-one set-up.
         d.seq_len, d.target, d.sampling = d.window, "last", "random"
+    if not 2 <= d.symbols <= 36:
+        raise RnnkitError(f"'data.symbols' must be between 2 and 36, got {d.symbols}")
+    if t.live_plot is not None and not t.live_plot.lower().endswith(".png"):
+        raise RnnkitError(f"--live-plot writes a PNG; give a file name ending in .png, got {t.live_plot}")
     if d.min_freq < 1:
         raise RnnkitError(f"'data.min_freq' must be at least 1, got {d.min_freq}")
     if not t.lr > 0:

@@ -97,6 +97,9 @@ class ConsoleReporter(Reporter):
                        if "val_accuracy" in info else "")
                 self.print(f"[bold]epoch {info['epoch']}[/]  train accuracy {info['train_accuracy']:.4f}  "
                            f"loss {info['train_loss']:.4f}{val}{mark}")
+            elif "val_accuracy" in info:  # per-step labelling (echo)
+                self.print(f"[bold]step {info['step']}[/]  validation loss {info['val_loss']:.4f}  "
+                           f"accuracy {info['val_accuracy']:.4f}  lr {info['lr']:.3g}{mark}")
             return
         self.print(
             f"[bold]step {info['step']}[/]  validation loss {info['val_loss']:.4f}  "

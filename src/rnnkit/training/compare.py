@@ -314,17 +314,10 @@ def _title(config: RunConfig) -> str:
 
 def plot_perplexity(result: SamplingComparison, path: str | Path, *, title: str = "") -> Path:
     """Write a PNG of both perplexity curves, against epochs and against training time."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise RnnkitError("plots need matplotlib: pip install 'rnnkit[plot]'") from None
+    from rnnkit.plots import check_png, pyplot, save_figure
 
-    matplotlib.use("Agg")  # files only, no display needed
-    from matplotlib import pyplot as plt
-
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise RnnkitError(f"the plot is written as PNG; give a file name ending in .png, got {path}")
+    path = check_png(path)
+    plt = pyplot()
     colours = {"random": "tab:orange", "sequential": "tab:blue"}
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     for sampling, points in result.curves.items():
@@ -351,7 +344,7 @@ def plot_perplexity(result: SamplingComparison, path: str | Path, *, title: str 
     by_epoch.set_title("perplexity by epoch")
     by_time.set_title("perplexity by training time")
     fig.suptitle(f"random vs sequential sampling on {result.source}\n{title}", fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

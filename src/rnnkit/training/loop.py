@@ -119,6 +119,7 @@ class StepOutput:
     count: int  # how many targets
     predicted: torch.Tensor  # (B,) argmax at the last position, for the example line
     state: State
+    predictions: torch.Tensor | None = None  # (B, T) argmax at every position (many-to-many only)
 
 
 def train_step(
@@ -147,8 +148,21 @@ def train_step(
         scored = logits[:, -1] if y.dim() == 1 else logits  # (B, V) or (B, T, V)
         predicted = scored.argmax(dim=-1)
         correct = (predicted == y).sum()
-    return StepOutput(loss=loss.detach(), correct=correct, count=y.numel(),
-                      predicted=predicted if y.dim() == 1 else predicted[:, -1], state=state)
+    if y.dim() == 1:
+        return StepOutput(loss=loss.detach(), correct=correct, count=y.numel(), predicted=predicted, state=state)
+    return StepOutput(loss=loss.detach(), correct=correct, count=y.numel(), predicted=predicted[:, -1],
+                      state=state, predictions=predicted)
+
+
+def step_budget(t, steps_per_epoch: int) -> int:
+    """The step limit from --max-steps and --epochs (0: none, so --max-time decides)."""
+    max_steps = t.max_steps
+    if t.epochs:
+        epoch_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+        max_steps = min(max_steps, epoch_steps) if max_steps else epoch_steps
+    if not max_steps and not t.max_time:
+        max_steps = steps_per_epoch  # nothing said: one pass over the data
+    return max_steps
 
 
 def _default_prefixes(data: LMData) -> list[str]:
@@ -186,12 +200,7 @@ def train_language_model(
         data.train, sampling=d.sampling, seq_len=d.seq_len, batch_size=d.batch_size, target=d.target, seed=t.seed
     )
     steps_per_epoch = batcher.steps_per_epoch
-    max_steps = t.max_steps
-    if t.epochs:
-        epoch_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
-        max_steps = min(max_steps, epoch_steps) if max_steps else epoch_steps
-    if not max_steps and not t.max_time:
-        max_steps = steps_per_epoch  # nothing said: one pass over the text
+    max_steps = step_budget(t, steps_per_epoch)
     tokens_per_step = d.batch_size * (d.seq_len if d.target == "all" else 1)
     prefixes = t.sample_prefixes or _default_prefixes(data)
     sample_gen = torch.Generator().manual_seed(t.seed)

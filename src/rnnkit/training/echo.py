@@ -1,0 +1,219 @@
+"""Training on the echo task: per-step labelling of a generated series with truncated BPTT.
+
+The network is a :class:`~rnnkit.models.language_model.LanguageModel` whose
+vocabulary is the task's symbols: at every step it reads one symbol and
+predicts the symbol it read ``echo_step`` steps earlier (many-to-many). Each
+epoch draws a fresh series (see :mod:`rnnkit.data.synthetic`); the state starts
+at zero at its first window and is carried, detached, through the rest.
+Validation runs the same way over one fixed held-out series and scores only
+the steps whose echo lies inside their row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit import checkpoint
+from rnnkit.config import RunConfig
+from rnnkit.data.synthetic import SYMBOL_CHARS, EchoStreams, scored_mask
+from rnnkit.data.tokenizers import CharTokenizer
+from rnnkit.errors import RnnkitError
+from rnnkit.models.language_model import LanguageModel
+from rnnkit.training.loop import (
+    MetricsLog,
+    Reporter,
+    TrainResult,
+    build_optimizer,
+    prepare_run,
+    step_budget,
+    train_step,
+)
+
+TASK = "echo"
+VALIDATION_SEED_OFFSET = 1_000_003  # the held-out series never equals a training one
+
+
+def echo_tokenizer(symbols: int) -> CharTokenizer:
+    """Symbols 0..k-1 written as the characters 0-9a-z, so a checkpoint describes itself."""
+    return CharTokenizer(chars=list(SYMBOL_CHARS[:symbols]))
+
+
+def streams_for(config: RunConfig, *, seed: int) -> EchoStreams:
+    d = config.data
+    return EchoStreams(series_length=d.series_length, echo_step=d.echo_step, symbols=d.symbols,
+                       batch_size=d.batch_size, bptt=d.seq_len, seed=seed)
+
+
+@dataclass
+class EchoEvaluation:
+    loss: float  # mean cross-entropy over the scored steps
+    accuracy: float  # fraction of scored steps predicted right
+    scored: int  # how many steps were scored
+    x: torch.Tensor  # (B, T) the last window's inputs, targets and predictions, for the figure
+    y: torch.Tensor
+    predicted: torch.Tensor
+    offset: int  # the last window's first column
+
+
+@torch.no_grad()
+def evaluate_echo(model: nn.Module, streams: EchoStreams, series: tuple[torch.Tensor, torch.Tensor], *,
+                  device: torch.device) -> EchoEvaluation:
+    """Run ``model`` over ``series`` window by window with carried state, as in training."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    scored = 0
+    state = None
+    try:
+        for batch in streams.windows(*series):
+            x, y = batch.x.to(device), batch.y.to(device)
+            logits, state = model(x, None if batch.reset else state)
+            mask = scored_mask(batch, streams.echo_step).to(device)
+            predicted = logits.argmax(-1)
+            loss_sum += F.cross_entropy(logits[mask], y[mask], reduction="sum")
+            correct += (predicted == y)[mask].sum()
+            scored += int(mask.sum())
+    finally:
+        model.train(was_training)
+    if scored == 0:
+        raise RnnkitError(f"no step of the series lies more than --echo-step {streams.echo_step} steps into its "
+                          "row; use a longer --series-length")
+    return EchoEvaluation(loss=loss_sum.item() / scored, accuracy=correct.item() / scored, scored=scored,
+                          x=batch.x, y=batch.y, predicted=predicted.cpu(), offset=batch.offset)
+
+
+def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | None = None) -> TrainResult:
+    """Train on the echo task as ``config`` says, writing checkpoints and metrics to ``out_dir``."""
+    reporter = reporter or Reporter()
+    out_dir = Path(out_dir)
+    d, t = config.data, config.train
+    device = prepare_run(config)
+
+    tokenizer = echo_tokenizer(d.symbols)
+    model = LanguageModel(config=config.model, vocab_size=d.symbols).to(device)
+    optimizer = build_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=t.lr_decay, patience=t.lr_patience)
+    streams = streams_for(config, seed=t.seed)
+    val_streams = streams_for(config, seed=t.seed + VALIDATION_SEED_OFFSET)
+    val_series = val_streams.series()
+    steps_per_epoch = streams.steps_per_epoch
+    max_steps = step_budget(t, steps_per_epoch)
+    tokens_per_step = d.batch_size * d.seq_len
+    live = None
+    if t.live_plot:
+        from rnnkit.plots import LivePlot
+
+        live = LivePlot(t.live_plot, symbols=d.symbols, show=t.show, warn=getattr(reporter, "print", None))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_metrics = MetricsLog(out_dir / "metrics.jsonl")
+    reporter.on_start({
+        "device": str(device), "parameters": model.num_parameters(), "vocab_size": d.symbols,
+        "train_tokens": d.series_length, "val_tokens": d.series_length, "steps_per_epoch": steps_per_epoch,
+        "max_steps": max_steps, "max_time": t.max_time, "from_cache": False, "unit": "steps per series",
+        "source": f"echo task ({d.symbols} symbols, echo after {d.echo_step} steps, window {d.seq_len})",
+    })
+
+    step = tokens = 0
+    best_val: float | None = None
+    best_accuracy: float | None = None
+    last_val: float | None = None
+    last_train_loss: float | None = None
+    train_accuracy: float | None = None
+    losses: tuple[list[float], list[float]] = ([], [])  # (steps, loss) for the live figure
+    recent_loss = torch.zeros((), device=device)
+    recent_correct = torch.zeros((), device=device, dtype=torch.long)
+    recent_count = recent_targets = 0
+    start = time.perf_counter()
+    log_start, log_tokens = start, 0
+    state = None
+    stopped_by = "steps"
+    title = (f"echo: {config.model.cell.upper()} {config.model.layers}x{config.model.hidden}, "
+             f"{d.symbols} symbols, echo {d.echo_step}, window {d.seq_len}, batch {d.batch_size}")
+
+    def counters() -> dict[str, Any]:
+        return {"step": step, "tokens": tokens, "epoch": step / steps_per_epoch,
+                "seconds": round(time.perf_counter() - start, 3), "best_val_loss": best_val, "val_loss": last_val,
+                "best_val_accuracy": best_accuracy, "train_loss": last_train_loss, "train_accuracy": train_accuracy}
+
+    def evaluate_and_save() -> None:
+        nonlocal best_val, best_accuracy, last_val
+        result = evaluate_echo(model, val_streams, val_series, device=device)
+        last_val = result.loss
+        improved = best_val is None or result.loss < best_val
+        if improved:
+            best_val, best_accuracy = result.loss, result.accuracy
+        scheduler.step(result.loss)
+        record = {"step": step, "time": round(time.perf_counter() - start, 3), "lr": optimizer.param_groups[0]["lr"],
+                  "val_loss": result.loss, "val_accuracy": result.accuracy, "val_scored": result.scored}
+        reporter.on_eval({**record, "improved": improved})
+        log_metrics(record)
+        path = checkpoint.save_to_run(out_dir, names=("best", "last") if improved else ("last",), step=step,
+                                      model=model, tokenizer=tokenizer, task=TASK, run_config=config,
+                                      state=counters())
+        reporter.on_save(path, ("best", "last") if improved else ("last",))
+
+    model.train()
+    try:
+        done = False
+        while not done:
+            for batch in streams.epoch():
+                # A new series starts with batch.reset: train_step then starts from zeros;
+                # otherwise it carries the previous window's state, detached (truncated BPTT).
+                out = train_step(model, optimizer, batch, state, clip=t.clip, device=device)
+                state = out.state
+                step += 1
+                tokens += tokens_per_step
+                recent_loss += out.loss
+                recent_correct += out.correct
+                recent_count += 1
+                recent_targets += out.count
+                if live is not None and step % t.plot_every == 0:
+                    live.update(losses=losses, x=batch.x.numpy(), y=batch.y.numpy(),
+                                predicted=out.predictions.cpu().numpy(), offset=batch.offset,
+                                title=f"{title} — step {step}, epoch {step / steps_per_epoch:.1f}")
+                if step % t.log_every == 0 or step == max_steps:
+                    now = time.perf_counter()
+                    last_train_loss = (recent_loss / recent_count).item()
+                    train_accuracy = recent_correct.item() / max(recent_targets, 1)
+                    record = {"step": step, "time": round(now - start, 3), "loss": last_train_loss,
+                              "accuracy": train_accuracy, "lr": optimizer.param_groups[0]["lr"],
+                              "tokens_per_s": round((tokens - log_tokens) / max(now - log_start, 1e-9), 1)}
+                    log_start, log_tokens = now, tokens
+                    recent_loss.zero_()
+                    recent_correct.zero_()
+                    recent_count = recent_targets = 0
+                    log_metrics(record)
+                    losses[0].append(step)
+                    losses[1].append(last_train_loss)
+                    reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
+                                      "epoch": step / steps_per_epoch, "example": None})
+                if max_steps and step >= max_steps:
+                    stopped_by, done = "steps", True
+                elif t.max_time and time.perf_counter() - start >= t.max_time:
+                    stopped_by, done = "time", True
+                if done or step % t.eval_every == 0:
+                    evaluate_and_save()
+                if done:
+                    break
+    except KeyboardInterrupt:
+        if step > 0:
+            checkpoint.save_to_run(out_dir, names=("last",), step=step, model=model, tokenizer=tokenizer, task=TASK,
+                                   run_config=config, state=counters())
+        raise
+    finally:
+        log_metrics.close()
+        if live is not None:
+            live.close()
+    reporter.on_end({**counters(), "stopped_by": stopped_by})
+    return TrainResult(steps=step, tokens=tokens, seconds=time.perf_counter() - start, best_val_loss=best_val,
+                       last_val_loss=last_val, train_loss=last_train_loss, stopped_by=stopped_by,
+                       train_accuracy=train_accuracy, history=log_metrics.history)
