@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from rnnkit import __version__
@@ -99,8 +99,13 @@ def write_checkpoint(
     run_config: RunConfig,
     state: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    trainer: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write one complete checkpoint folder at ``path`` (which must not exist yet), atomically."""
+    """Write one complete checkpoint folder at ``path`` (which must not exist yet), atomically.
+
+    ``trainer`` adds what resuming needs: ``trainer.json`` and ``trainer.safetensors``
+    (see :mod:`rnnkit.training.session`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
@@ -121,8 +126,15 @@ def write_checkpoint(
         _write_json(tmp / "tokenizer.json", tokenizer.to_dict())
         # safetensors copies GPU tensors to the host, so a GPU-trained checkpoint loads anywhere.
         save_model(model, str(tmp / "model.safetensors"))
-        with open(tmp / "model.safetensors", "rb+") as f:
-            os.fsync(f.fileno())
+        written = ["model.safetensors"]
+        if trainer is not None:
+            trainer_json, trainer_tensors = trainer
+            _write_json(tmp / "trainer.json", trainer_json)
+            save_file(trainer_tensors, str(tmp / "trainer.safetensors"))
+            written.append("trainer.safetensors")
+        for name in written:
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
         _fsync_dir(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)

@@ -81,54 +81,108 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+#: What `train --resume` may change: when and how the run stops and saves, never what it computes.
+RESUME_OVERRIDES = ("train.max_steps", "train.max_time", "train.epochs", "train.save_every",
+                    "train.save_every_seconds", "train.log_every", "train.threads", "train.on_nan")
+
+
+def _resume_config(args: argparse.Namespace):
+    """The configuration of the run in ``--resume DIR``, with the few flags a resume may change."""
+    from rnnkit.training.session import Resume
+
+    resume = Resume.from_run(args.resume)
+    meta = json.loads((resume.folder / "config.json").read_text(encoding="utf-8"))
+    config = RunConfig.from_dict(meta.get("run", {}), source=str(resume.folder / "config.json"))
+    given = {key: value for key, value in vars(args).items() if "." in key or key in ("out", "task")}
+    refused = sorted(key for key in given if key not in RESUME_OVERRIDES)
+    if args.config or args.set or refused or args.overwrite:
+        what = ", ".join(refused) or ("--config/--set" if args.config or args.set else "--overwrite")
+        raise RnnkitError(f"--resume continues a run with its own settings; it cannot change {what} "
+                          f"(it can change: {', '.join('--' + k.split('.')[1].replace('_', '-') for k in RESUME_OVERRIDES)})")
+    for key, value in given.items():
+        set_value(config, key, value, source="command line")
+    validate(config)
+    config.out = str(args.resume)
+    return config, resume
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rnnkit.console import ConsoleReporter, stderr
     from rnnkit.data.lm_data import prepare_lm_data
     from rnnkit.training.loop import train_language_model
 
-    config = _config_from_args(args)
-    if not config.out:
-        raise RnnkitError("no run directory: pass --out DIR (checkpoints and logs go there)")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise RnnkitError(f"--out {out} is a file; give a folder for the run")
-    old = [p for p in (out / "checkpoints", out / "metrics.jsonl") if p.exists()]
-    if old and not args.overwrite:
-        raise RnnkitError(f"{out} already holds a training run; pass --overwrite to replace it, or choose another --out")
+    resume = None
+    if args.resume:
+        config, resume = _resume_config(args)
+        out, old = Path(config.out), []
+    else:
+        config = _config_from_args(args)
+        if not config.out:
+            raise RnnkitError("no run directory: pass --out DIR (checkpoints and logs go there)")
+        out = Path(config.out)
+        if out.exists() and not out.is_dir():
+            raise RnnkitError(f"--out {out} is a file; give a folder for the run")
+        old = [p for p in (out / "checkpoints", out / "metrics.jsonl") if p.exists()]
+        if old and not args.overwrite:
+            raise RnnkitError(f"{out} already holds a training run; pass --overwrite to replace it, continue it "
+                              f"with --resume {out}, or choose another --out")
     reporter = ConsoleReporter(quiet=args.quiet)
     if config.task == "classify":
-        return _train_classifier(config, out, old, reporter)
+        return _train_classifier(config, out, old, reporter, resume)
     if config.task == "echo":
-        return _train_echo(config, out, old, reporter)
+        return _train_echo(config, out, old, reporter, resume)
     data = prepare_lm_data(config.data, cache_dir=out / "data", log=reporter.print)
-    result = _run(lambda: train_language_model(config, data, out_dir=out, reporter=reporter), config, out, old,
-                  reporter)
-    if result is None:
-        return 130
+    if resume is not None:
+        _same_tokenizer(data.tokenizer, resume.folder)
+    result = _run(lambda stop: train_language_model(config, data, out_dir=out, reporter=reporter, stop=stop,
+                                                    resume=resume), config, out, old, reporter)
+    if isinstance(result, int):
+        return result
     if not args.quiet:
         stderr.print(f"checkpoints in {out}/checkpoints (best: validation loss {result.best_val_loss:.4f})"
                      if result.best_val_loss is not None else f"checkpoints in {out}/checkpoints")
     return 0
 
 
+def _same_tokenizer(tokenizer, folder: Path) -> None:
+    """A resumed run must read its text exactly as before."""
+    from rnnkit.checkpoint import load_tokenizer
+
+    if load_tokenizer(folder).to_dict() != tokenizer.to_dict():
+        raise RnnkitError(f"the training text changed since {folder} was saved (its vocabulary differs); "
+                          "resume needs the same text")
+
+
 def _run(train, config: RunConfig, out: Path, old: list[Path], reporter):
     """Replace an old run (only now that the new one is known to start), train, save config.toml.
 
-    Returns the training result, or None after Ctrl-C (the last weights are saved by then).
+    ``train(stop)`` runs the training with a stop flag that SIGINT and SIGTERM set.
+    Returns the training result, or an exit code (130/143) after such a signal
+    (the run is saved by then, and resumable).
     """
     from rnnkit.console import stderr
+    from rnnkit.training.session import StopFlag, Stopped, stop_on_signals
 
     for path in old:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
-        result = train()
+        with stop_on_signals(StopFlag()) as stop:
+            result = train(stop)
+    except Stopped as stopped:
+        reporter.close()
+        name = {2: "interrupted", 15: "terminated"}.get(stopped.signum, f"stopped by signal {stopped.signum}")
+        stderr.print(f"{name} at step {stopped.step}; the run is saved: continue it with "
+                     f"`rnnkit train --resume {out}`")
+        return stopped.exit_code
     except KeyboardInterrupt:
         reporter.close()
-        stderr.print(f"interrupted; the last weights are saved in {out} (load them with --checkpoint {out})")
-        return None
+        stderr.print(f"interrupted before the step ended; continue from the last checkpoint with "
+                     f"`rnnkit train --resume {out}`")
+        return 130
     finally:
         reporter.close()
-    (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
+        if (out / "checkpoints").is_dir():  # the run started: record its full configuration
+            (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
     return result
 
 
@@ -150,7 +204,7 @@ def _labelled_source(config: RunConfig, log) -> tuple[dict, str]:
     return sets, source
 
 
-def _train_classifier(config: RunConfig, out: Path, old: list[Path], reporter) -> int:
+def _train_classifier(config: RunConfig, out: Path, old: list[Path], reporter, resume=None) -> int:
     from rnnkit.console import stderr
     from rnnkit.data.classification import split_examples
     from rnnkit.training.classify import prepare_classify_data, train_classifier
@@ -161,9 +215,12 @@ def _train_classifier(config: RunConfig, out: Path, old: list[Path], reporter) -
     splits = split_examples(sets, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
                             seed=config.train.seed)
     data = prepare_classify_data(config, splits, source=source, log=reporter.print)
-    result = _run(lambda: train_classifier(config, data, out_dir=out, reporter=reporter), config, out, old, reporter)
-    if result is None:
-        return 130
+    if resume is not None:
+        _same_tokenizer(data.tokenizer, resume.folder)
+    result = _run(lambda stop: train_classifier(config, data, out_dir=out, reporter=reporter, stop=stop,
+                                                resume=resume), config, out, old, reporter)
+    if isinstance(result, int):
+        return result
     if result.test is not None:
         (out / "test_metrics.json").write_text(json.dumps(result.test, indent=2) + "\n", encoding="utf-8")
         if not reporter.quiet:
@@ -173,16 +230,17 @@ def _train_classifier(config: RunConfig, out: Path, old: list[Path], reporter) -
     return 0
 
 
-def _train_echo(config: RunConfig, out: Path, old: list[Path], reporter) -> int:
+def _train_echo(config: RunConfig, out: Path, old: list[Path], reporter, resume=None) -> int:
     from rnnkit.console import stderr
     from rnnkit.training.echo import train_echo
 
     if config.data.text or config.data.corpus:
         raise RnnkitError("--task echo generates its own series; drop --text/--corpus "
                           "(shape it with --series-length, --echo-step, --symbols)")
-    result = _run(lambda: train_echo(config, out_dir=out, reporter=reporter), config, out, old, reporter)
-    if result is None:
-        return 130
+    result = _run(lambda stop: train_echo(config, out_dir=out, reporter=reporter, stop=stop, resume=resume),
+                  config, out, old, reporter)
+    if isinstance(result, int):
+        return result
     if not reporter.quiet:
         best = result.history and max((r.get("val_accuracy", 0.0) for r in result.history), default=0.0)
         stderr.print(f"checkpoints in {out}/checkpoints (best validation accuracy {best:.4f}); "
@@ -575,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override any config key, e.g. --set train.eval_every=100 (repeatable)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a stopped or killed run from its last checkpoint, exactly as if it had not "
+                            "stopped (may change only when it stops and saves: --max-steps, --max-time, "
+                            "--epochs, --save-every...)")
     train.add_argument("--quiet", action="store_true", help="print only errors")
     _add_config_flags(train)
     train.set_defaults(func=cmd_train)

@@ -123,6 +123,11 @@ class TrainConfig:
     sample_prefixes: list[str] = knob([], "prefixes to continue when sampling during training")
     sample_length: int = knob(200, "tokens per training-time sample")
     sample_temperature: float = knob(0.8, "temperature of training-time samples")
+    save_every: int = knob(0, "also save a checkpoint every N steps (0: only at evaluations and the end)")
+    save_every_seconds: float = knob(600.0, "also save a checkpoint after this many seconds without one (0: off)")
+    on_nan: Literal["stop", "skip"] = knob(
+        "stop", "a NaN/inf loss or gradient: stop the run (keeping the last good checkpoint), or skip the batch"
+    )
     live_plot: str | None = knob(None, "echo: redraw this PNG during training (loss and the current window)")
     plot_every: int = knob(200, "echo: redraw the live plot every N steps (a redraw takes ~0.25 s)")
     show: bool = knob(False, "echo: also show the live plot in a window (needs a display)")
@@ -352,6 +357,8 @@ def validate(config: RunConfig) -> None:
         "train.eval_max_tokens": t.eval_max_tokens,
         "train.sample_every": t.sample_every,
         "train.sample_temperature": t.sample_temperature,
+        "train.save_every": t.save_every,
+        "train.save_every_seconds": t.save_every_seconds,
     }
     for key, value in non_negative.items():
         if value < 0:

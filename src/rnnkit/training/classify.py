@@ -9,7 +9,6 @@ with the best weights.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from rnnkit import checkpoint
 from rnnkit.config import RunConfig
@@ -26,7 +24,8 @@ from rnnkit.data.classification import BucketBatcher, EncodedSet, Example, build
 from rnnkit.data.tokenizers import Tokenizer, build_tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.models.classifier import Classifier
-from rnnkit.training.loop import MetricsLog, Reporter, build_optimizer, prepare_run
+from rnnkit.training.loop import Reporter, build_optimizer, prepare_run
+from rnnkit.training.session import Resume, Session, StopFlag, optimizer_step
 
 TASK = "classify"
 
@@ -141,6 +140,8 @@ def train_classifier(
     *,
     out_dir: str | Path,
     reporter: Reporter | None = None,
+    stop: StopFlag | None = None,
+    resume: Resume | None = None,
 ) -> ClassifyResult:
     """Train for ``train.epochs`` (or until ``max_time``/``max_steps``/early stopping) and keep the best."""
     reporter = reporter or Reporter()
@@ -156,98 +157,103 @@ def train_classifier(
     epochs = max(1, int(round(t.epochs))) if t.epochs else 4
     steps_per_epoch = len(batches)
     max_steps = min(t.max_steps, epochs * steps_per_epoch) if t.max_steps else epochs * steps_per_epoch
+    session = Session(config=config, out_dir=out_dir, task=TASK, model=model, optimizer=optimizer,
+                      tokenizer=data.tokenizer, extra={"labels": data.labels}, stop=stop, resume=resume,
+                      on_save=reporter.on_save)
+    # Counters of the loop that a resumed run continues from (all saved with each checkpoint).
+    extra = session.progress.extra
+    for key, value in (("best_val_accuracy", None), ("bad_epochs", 0), ("evaluated_epoch", 0),
+                       ("epoch_loss_sum", 0.0), ("epoch_correct", 0), ("epoch_seen", 0)):
+        extra.setdefault(key, value)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_metrics = MetricsLog(out_dir / "metrics.jsonl")
-
+    log_metrics = session.open_metrics()
     reporter.on_start({
         "device": str(device), "parameters": model.num_parameters(), "vocab_size": data.tokenizer.vocab_size,
         "train_tokens": len(data.train.labels), "val_tokens": len(data.val.labels), "unit": "examples",
         "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "max_time": t.max_time,
-        "source": data.source, "from_cache": False,
+        "source": data.source, "from_cache": False, "resumed_at": session.step if session.resumed else None,
     })
-    start = time.perf_counter()
-    step, best, bad_epochs, stopped_by = 0, None, 0, "epochs"
-    extra = {"labels": data.labels}
+    get_epoch = lambda: {"epoch": batches.epoch}  # noqa: E731 - the batcher's order is drawn from its epoch number
 
-    def save(names: tuple[str, ...], epoch: int, val_accuracy: float | None) -> None:
-        state = {"step": step, "epoch": epoch, "seconds": round(time.perf_counter() - start, 3),
-                 "val_accuracy": val_accuracy, "best_val_accuracy": best}
-        path = checkpoint.save_to_run(out_dir, names=names, step=step, model=model, tokenizer=data.tokenizer,
-                                      task=TASK, run_config=config, state=state, extra=extra)
-        reporter.on_save(path, names)
+    def set_epoch(state: dict[str, Any]) -> None:
+        batches.epoch = state["epoch"]
+
+    def end_of_epoch() -> bool:
+        """Validate, save, and say whether early stopping ends the run."""
+        epoch = session.progress.epoch
+        seen = max(extra["epoch_seen"], 1)
+        record: dict[str, Any] = {"step": session.step, "epoch": epoch, "time": round(session.elapsed(), 3),
+                                  "train_loss": extra["epoch_loss_sum"] / seen,
+                                  "train_accuracy": extra["epoch_correct"] / seen,
+                                  "lr": optimizer.param_groups[0]["lr"]}
+        extra["evaluated_epoch"] = epoch
+        if len(data.val.labels):
+            val = evaluate_classifier(model, data.val, data.labels)
+            improved = extra["best_val_accuracy"] is None or val.accuracy > extra["best_val_accuracy"]
+            if improved:
+                extra["best_val_accuracy"], extra["bad_epochs"] = val.accuracy, 0
+            else:
+                extra["bad_epochs"] += 1
+            record.update(val_loss=val.loss, val_accuracy=val.accuracy)
+            reporter.on_eval({**record, "improved": improved, "best_val_accuracy": extra["best_val_accuracy"]})
+            log_metrics(record)
+            session.save(("best", "last") if improved else ("last",), {"val_accuracy": val.accuracy})
+            return bool(t.patience and extra["bad_epochs"] >= t.patience)
+        reporter.on_eval(record)
+        log_metrics(record)
+        session.save(("best", "last"))
+        return False
 
     model.train()
-    epoch = 0
+    stopped_by = session.stopped_by(max_steps)
     try:
-        while epoch < epochs:
-            epoch += 1
-            loss_sum, correct, seen, tick = 0.0, 0, 0, time.perf_counter()
-            for ids, _, y in batches:
+        while stopped_by is None:
+            if not session.replaying and session.progress.epoch >= epochs:
+                stopped_by = "epochs"
+                break
+            if not session.replaying:  # a new epoch (a resumed one keeps its running sums)
+                extra.update(epoch_loss_sum=0.0, epoch_correct=0, epoch_seen=0)
+            for ids, _, y in session.epochs(lambda: iter(batches), get_epoch, set_epoch):
                 ids, y = ids.to(device), y.to(device)
                 logits, _ = model(ids)
                 loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), t.clip, foreach=True)
-                optimizer.step()
-                step += 1
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(-1) == y).sum().item()
-                seen += len(y)
+                applied = session.check_finite(bool(optimizer_step(model, optimizer, loss, clip=t.clip)),
+                                               skip=t.on_nan == "skip")
+                session.advance(len(y))
+                if applied:
+                    extra["epoch_loss_sum"] += loss.item() * len(y)
+                    extra["epoch_correct"] += (logits.argmax(-1) == y).sum().item()
+                    extra["epoch_seen"] += len(y)
+                step = session.step
                 if step % t.log_every == 0 or step == max_steps:
-                    now = time.perf_counter()
-                    record = {"step": step, "time": round(now - start, 3), "loss": loss_sum / seen,
-                              "accuracy": correct / seen, "lr": optimizer.param_groups[0]["lr"],
-                              "tokens_per_s": round(seen / max(now - tick, 1e-9), 1)}
+                    seen = max(extra["epoch_seen"], 1)
+                    record = {"step": step, "time": round(session.elapsed(), 3),
+                              "loss": extra["epoch_loss_sum"] / seen, "accuracy": extra["epoch_correct"] / seen,
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "tokens_per_s": round(extra["epoch_seen"] / max(session.elapsed(), 1e-9), 1)}
                     log_metrics(record)
                     reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
                                       "epoch": step / steps_per_epoch, "example": None})
-                if step >= max_steps:
-                    stopped_by = "steps"
+                stopped_by = session.stopped_by(max_steps)
+                if stopped_by:
                     break
-                if t.max_time and time.perf_counter() - start >= t.max_time:
-                    stopped_by = "time"
-                    break
-            record: dict[str, Any] = {"step": step, "epoch": epoch, "time": round(time.perf_counter() - start, 3),
-                                      "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                                      "lr": optimizer.param_groups[0]["lr"]}
-            if len(data.val.labels):
-                val = evaluate_classifier(model, data.val, data.labels)
-                improved = best is None or val.accuracy > best
-                if improved:
-                    best, bad_epochs = val.accuracy, 0
-                else:
-                    bad_epochs += 1
-                record.update(val_loss=val.loss, val_accuracy=val.accuracy)
-                reporter.on_eval({**record, "improved": improved, "best_val_accuracy": best})
-                log_metrics(record)
-                save(("best", "last") if improved else ("last",), epoch, val.accuracy)
-                if t.patience and bad_epochs >= t.patience:
-                    stopped_by = "early stopping"
-                    break
-            else:
-                reporter.on_eval(record)
-                log_metrics(record)
-                save(("best", "last"), epoch, None)
-            if stopped_by in ("steps", "time"):
-                break
-    except KeyboardInterrupt:
-        if step:
-            save(("last",), epoch, None)
+                session.after_step()
+            if extra["evaluated_epoch"] != session.progress.epoch and end_of_epoch():
+                stopped_by = "early stopping"
+    finally:
         log_metrics.close()
-        raise
     test_report = None
     if len(data.test.labels):
         best_model = checkpoint.load_checkpoint(out_dir, device=device).model
         test_report = evaluate_classifier(best_model, data.test, data.labels).report()
-        log_metrics({"step": step, "test_accuracy": test_report["accuracy"], "test_loss": test_report["loss"]})
-    log_metrics.close()
-    seconds = time.perf_counter() - start
-    reporter.on_end({"step": step, "tokens": 0, "seconds": seconds, "stopped_by": stopped_by,
+        log_metrics.reopen()
+        log_metrics({"step": session.step, "test_accuracy": test_report["accuracy"], "test_loss": test_report["loss"]})
+        log_metrics.close()
+    seconds = session.elapsed()
+    best = extra["best_val_accuracy"]
+    reporter.on_end({"step": session.step, "tokens": 0, "seconds": seconds, "stopped_by": stopped_by,
                      "best_val_loss": None, "best_val_accuracy": best,
                      "test_accuracy": test_report["accuracy"] if test_report else None})
-    return ClassifyResult(epochs=epoch, seconds=seconds, best_val_accuracy=best, test=test_report,
+    return ClassifyResult(epochs=session.progress.epoch, seconds=seconds, best_val_accuracy=best, test=test_report,
                           stopped_by=stopped_by, history=log_metrics.history)
-

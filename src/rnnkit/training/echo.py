@@ -11,30 +11,20 @@ the steps whose echo lies inside their row.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit import checkpoint
 from rnnkit.config import RunConfig
 from rnnkit.data.synthetic import SYMBOL_CHARS, EchoStreams, scored_mask
 from rnnkit.data.tokenizers import CharTokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.models.language_model import LanguageModel
-from rnnkit.training.loop import (
-    MetricsLog,
-    Reporter,
-    TrainResult,
-    build_optimizer,
-    prepare_run,
-    step_budget,
-    train_step,
-)
+from rnnkit.training.loop import Reporter, Running, TrainResult, build_optimizer, prepare_run, step_budget, train_step
+from rnnkit.training.session import Resume, Session, StopFlag, numpy_rng_accessors
 
 TASK = "echo"
 VALIDATION_SEED_OFFSET = 1_000_003  # the held-out series never equals a training one
@@ -90,7 +80,8 @@ def evaluate_echo(model: nn.Module, streams: EchoStreams, series: tuple[torch.Te
                           x=batch.x, y=batch.y, predicted=predicted.cpu(), offset=batch.offset)
 
 
-def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | None = None) -> TrainResult:
+def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | None = None,
+               stop: StopFlag | None = None, resume: Resume | None = None) -> TrainResult:
     """Train on the echo task as ``config`` says, writing checkpoints and metrics to ``out_dir``."""
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
@@ -107,6 +98,11 @@ def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | N
     steps_per_epoch = streams.steps_per_epoch
     max_steps = step_budget(t, steps_per_epoch)
     tokens_per_step = d.batch_size * d.seq_len
+    session = Session(config=config, out_dir=out_dir, task=TASK, model=model, optimizer=optimizer,
+                      tokenizer=tokenizer, scheduler=scheduler, stop=stop, resume=resume, on_save=reporter.on_save)
+    extra = session.progress.extra
+    for key in ("best_val_loss", "best_val_accuracy", "val_loss", "train_loss", "train_accuracy"):
+        extra.setdefault(key, None)
     live = None
     if t.live_plot:
         from rnnkit.plots import LivePlot
@@ -114,106 +110,73 @@ def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | N
         live = LivePlot(t.live_plot, symbols=d.symbols, show=t.show, warn=getattr(reporter, "print", None))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_metrics = MetricsLog(out_dir / "metrics.jsonl")
+    log_metrics = session.open_metrics()
     reporter.on_start({
         "device": str(device), "parameters": model.num_parameters(), "vocab_size": d.symbols,
         "train_tokens": d.series_length, "val_tokens": d.series_length, "steps_per_epoch": steps_per_epoch,
         "max_steps": max_steps, "max_time": t.max_time, "from_cache": False, "unit": "steps per series",
         "source": f"echo task ({d.symbols} symbols, echo after {d.echo_step} steps, window {d.seq_len})",
+        "resumed_at": session.step if session.resumed else None,
     })
-
-    step = tokens = 0
-    best_val: float | None = None
-    best_accuracy: float | None = None
-    last_val: float | None = None
-    last_train_loss: float | None = None
-    train_accuracy: float | None = None
-    losses: tuple[list[float], list[float]] = ([], [])  # (steps, loss) for the live figure
-    recent_loss = torch.zeros((), device=device)
-    recent_correct = torch.zeros((), device=device, dtype=torch.long)
-    recent_count = recent_targets = 0
-    start = time.perf_counter()
-    log_start, log_tokens = start, 0
-    state = None
-    stopped_by = "steps"
+    # (steps, loss) of the progress records, for the live figure's loss curve.
+    losses = ([r["step"] for r in log_metrics.history if "loss" in r],
+              [r["loss"] for r in log_metrics.history if "loss" in r])
+    running = Running(device)
+    stopped_by = session.stopped_by(max_steps)
     title = (f"echo: {config.model.cell.upper()} {config.model.layers}x{config.model.hidden}, "
              f"{d.symbols} symbols, echo {d.echo_step}, window {d.seq_len}, batch {d.batch_size}")
 
-    def counters() -> dict[str, Any]:
-        return {"step": step, "tokens": tokens, "epoch": step / steps_per_epoch,
-                "seconds": round(time.perf_counter() - start, 3), "best_val_loss": best_val, "val_loss": last_val,
-                "best_val_accuracy": best_accuracy, "train_loss": last_train_loss, "train_accuracy": train_accuracy}
-
     def evaluate_and_save() -> None:
-        nonlocal best_val, best_accuracy, last_val
         result = evaluate_echo(model, val_streams, val_series, device=device)
-        last_val = result.loss
-        improved = best_val is None or result.loss < best_val
+        extra["val_loss"] = result.loss
+        improved = extra["best_val_loss"] is None or result.loss < extra["best_val_loss"]
         if improved:
-            best_val, best_accuracy = result.loss, result.accuracy
+            extra["best_val_loss"], extra["best_val_accuracy"] = result.loss, result.accuracy
         scheduler.step(result.loss)
-        record = {"step": step, "time": round(time.perf_counter() - start, 3), "lr": optimizer.param_groups[0]["lr"],
+        record = {"step": session.step, "time": round(session.elapsed(), 3), "lr": optimizer.param_groups[0]["lr"],
                   "val_loss": result.loss, "val_accuracy": result.accuracy, "val_scored": result.scored}
         reporter.on_eval({**record, "improved": improved})
         log_metrics(record)
-        path = checkpoint.save_to_run(out_dir, names=("best", "last") if improved else ("last",), step=step,
-                                      model=model, tokenizer=tokenizer, task=TASK, run_config=config,
-                                      state=counters())
-        reporter.on_save(path, ("best", "last") if improved else ("last",))
+        session.save(("best", "last") if improved else ("last",))
 
     model.train()
     try:
-        done = False
-        while not done:
-            for batch in streams.epoch():
+        while stopped_by is None:
+            for batch in session.epochs(streams.epoch, *numpy_rng_accessors(streams.rng)):
                 # A new series starts with batch.reset: train_step then starts from zeros;
                 # otherwise it carries the previous window's state, detached (truncated BPTT).
-                out = train_step(model, optimizer, batch, state, clip=t.clip, device=device)
-                state = out.state
-                step += 1
-                tokens += tokens_per_step
-                recent_loss += out.loss
-                recent_correct += out.correct
-                recent_count += 1
-                recent_targets += out.count
-                if live is not None and step % t.plot_every == 0:
+                out = train_step(model, optimizer, batch, session.carry, clip=t.clip, device=device)
+                session.check_finite(out.applied, skip=t.on_nan == "skip")
+                session.carry = out.state if out.applied else None if batch.reset else session.carry
+                session.advance(tokens_per_step)
+                running.add(out, tokens_per_step)
+                step = session.step
+                if step % t.log_every == 0 or step == max_steps:
+                    record = running.record(step, session.elapsed(), optimizer.param_groups[0]["lr"])
+                    extra["train_loss"], extra["train_accuracy"] = record["loss"], record["accuracy"]
+                    log_metrics(record)
+                    losses[0].append(step)
+                    losses[1].append(record["loss"])
+                    reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
+                                      "epoch": step / steps_per_epoch, "example": None})
+                if live is not None and step % t.plot_every == 0 and out.predictions is not None:
                     live.update(losses=losses, x=batch.x.numpy(), y=batch.y.numpy(),
                                 predicted=out.predictions.cpu().numpy(), offset=batch.offset,
                                 title=f"{title} — step {step}, epoch {step / steps_per_epoch:.1f}")
-                if step % t.log_every == 0 or step == max_steps:
-                    now = time.perf_counter()
-                    last_train_loss = (recent_loss / recent_count).item()
-                    train_accuracy = recent_correct.item() / max(recent_targets, 1)
-                    record = {"step": step, "time": round(now - start, 3), "loss": last_train_loss,
-                              "accuracy": train_accuracy, "lr": optimizer.param_groups[0]["lr"],
-                              "tokens_per_s": round((tokens - log_tokens) / max(now - log_start, 1e-9), 1)}
-                    log_start, log_tokens = now, tokens
-                    recent_loss.zero_()
-                    recent_correct.zero_()
-                    recent_count = recent_targets = 0
-                    log_metrics(record)
-                    losses[0].append(step)
-                    losses[1].append(last_train_loss)
-                    reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
-                                      "epoch": step / steps_per_epoch, "example": None})
-                if max_steps and step >= max_steps:
-                    stopped_by, done = "steps", True
-                elif t.max_time and time.perf_counter() - start >= t.max_time:
-                    stopped_by, done = "time", True
-                if done or step % t.eval_every == 0:
+                stopped_by = session.stopped_by(max_steps)
+                if stopped_by or step % t.eval_every == 0:
                     evaluate_and_save()
-                if done:
+                if stopped_by:
                     break
-    except KeyboardInterrupt:
-        if step > 0:
-            checkpoint.save_to_run(out_dir, names=("last",), step=step, model=model, tokenizer=tokenizer, task=TASK,
-                                   run_config=config, state=counters())
-        raise
+                session.after_step()
     finally:
         log_metrics.close()
         if live is not None:
             live.close()
-    reporter.on_end({**counters(), "stopped_by": stopped_by})
-    return TrainResult(steps=step, tokens=tokens, seconds=time.perf_counter() - start, best_val_loss=best_val,
-                       last_val_loss=last_val, train_loss=last_train_loss, stopped_by=stopped_by,
-                       train_accuracy=train_accuracy, history=log_metrics.history)
+    seconds = session.elapsed()
+    reporter.on_end({"step": session.step, "tokens": session.progress.tokens, "seconds": seconds, **extra,
+                     "stopped_by": stopped_by})
+    return TrainResult(steps=session.step, tokens=session.progress.tokens, seconds=seconds,
+                       best_val_loss=extra["best_val_loss"], last_val_loss=extra["val_loss"],
+                       train_loss=extra["train_loss"], stopped_by=stopped_by, train_accuracy=extra["train_accuracy"],
+                       history=log_metrics.history)

@@ -11,7 +11,6 @@ best and last checkpoints are written and samples are drawn. A
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit import checkpoint
 from rnnkit.config import RunConfig, generation_window
 from rnnkit.data.batching import Batch, make_batcher
 from rnnkit.data.lm_data import LMData, save_lm_cache
@@ -34,6 +32,14 @@ from rnnkit.models.recurrent import State, detach_state
 from rnnkit.runtime import resolve_device, seed_everything, set_threads
 from rnnkit.training.evaluate import evaluate_lm
 from rnnkit.training.metrics import lm_metrics
+from rnnkit.training.session import (
+    Resume,
+    Session,
+    StopFlag,
+    no_data_state,
+    numpy_rng_accessors,
+    optimizer_step,
+)
 
 TASK = "language_model"
 
@@ -52,22 +58,6 @@ class Reporter:
     def on_save(self, path: Path, names: tuple[str, ...]) -> None: ...
 
     def on_end(self, info: dict[str, Any]) -> None: ...
-
-
-class MetricsLog:
-    """``RUN/metrics.jsonl``: one JSON record per line, flushed as written, and kept in memory."""
-
-    def __init__(self, path: Path) -> None:
-        self.history: list[dict[str, Any]] = []
-        self._file = open(path, "a", encoding="utf-8")
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def prepare_run(config: RunConfig) -> torch.device:
@@ -120,6 +110,7 @@ class StepOutput:
     predicted: torch.Tensor  # (B,) argmax at the last position, for the example line
     state: State
     predictions: torch.Tensor | None = None  # (B, T) argmax at every position (many-to-many only)
+    applied: bool = True  # False: the loss or gradient was not finite, the weights were left alone
 
 
 def train_step(
@@ -139,19 +130,16 @@ def train_step(
     state = None if batch.reset else detach_state(state)
     logits, state = model(x, state)
     loss = lm_loss(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-    optimizer.step()
+    applied = bool(optimizer_step(model, optimizer, loss, clip=clip))
     with torch.no_grad():
         scored = logits[:, -1] if y.dim() == 1 else logits  # (B, V) or (B, T, V)
         predicted = scored.argmax(dim=-1)
         correct = (predicted == y).sum()
     if y.dim() == 1:
-        return StepOutput(loss=loss.detach(), correct=correct, count=y.numel(), predicted=predicted, state=state)
+        return StepOutput(loss=loss.detach(), correct=correct, count=y.numel(), predicted=predicted, state=state,
+                          applied=applied)
     return StepOutput(loss=loss.detach(), correct=correct, count=y.numel(), predicted=predicted[:, -1],
-                      state=state, predictions=predicted)
+                      state=state, predictions=predicted, applied=applied)
 
 
 def step_budget(t, steps_per_epoch: int) -> int:
@@ -180,14 +168,52 @@ def _example(tokenizer: Tokenizer, batch: Batch, predicted: torch.Tensor) -> str
     return f"[{window}] -> [{tokenizer.decode([int(target)])}] vs [{tokenizer.decode([int(predicted[0])])}]"
 
 
+class Running:
+    """Loss and accuracy since the last progress line, kept on the device until read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.steps = self.targets = self.tokens = 0
+        self.since = time.perf_counter()
+
+    def add(self, out: StepOutput, tokens: int) -> None:
+        self.tokens += tokens
+        if out.applied:  # a skipped batch's loss is NaN/inf: it says nothing about the model
+            self.loss += out.loss
+            self.correct += out.correct
+            self.steps += 1
+            self.targets += out.count
+
+    def record(self, step: int, seconds: float, lr: float) -> dict[str, Any]:
+        """The progress record, and start counting afresh."""
+        now = time.perf_counter()
+        record = {"step": step, "time": round(seconds, 3),
+                  "loss": (self.loss / self.steps).item() if self.steps else math.nan,
+                  "accuracy": self.correct.item() / max(self.targets, 1), "lr": lr,
+                  "tokens_per_s": round(self.tokens / max(now - self.since, 1e-9), 1)}
+        self.loss.zero_()
+        self.correct.zero_()
+        self.steps = self.targets = self.tokens = 0
+        self.since = now
+        return record
+
+
 def train_language_model(
     config: RunConfig,
     data: LMData,
     *,
     out_dir: str | Path,
     reporter: Reporter | None = None,
+    stop: StopFlag | None = None,
+    resume: Resume | None = None,
 ) -> TrainResult:
-    """Train a language model on ``data`` as ``config`` says, writing checkpoints to ``out_dir``."""
+    """Train a language model on ``data`` as ``config`` says, writing checkpoints to ``out_dir``.
+
+    ``stop`` (set by a signal handler) makes the loop save and raise
+    :class:`~rnnkit.training.session.Stopped` at the next step boundary;
+    ``resume`` continues a saved run exactly where it stopped.
+    """
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
     d, t = config.data, config.train
@@ -199,74 +225,56 @@ def train_language_model(
     batcher = make_batcher(
         data.train, sampling=d.sampling, seq_len=d.seq_len, batch_size=d.batch_size, target=d.target, seed=t.seed
     )
+    data_state = numpy_rng_accessors(batcher.rng) if hasattr(batcher, "rng") else no_data_state()
     steps_per_epoch = batcher.steps_per_epoch
     max_steps = step_budget(t, steps_per_epoch)
     tokens_per_step = d.batch_size * (d.seq_len if d.target == "all" else 1)
     prefixes = t.sample_prefixes or _default_prefixes(data)
     sample_gen = torch.Generator().manual_seed(t.seed)
+    session = Session(config=config, out_dir=out_dir, task=TASK, model=model, optimizer=optimizer,
+                      tokenizer=data.tokenizer, scheduler=scheduler, generators={"samples": sample_gen},
+                      stop=stop, resume=resume, on_save=reporter.on_save)
+    extra = session.progress.extra
+    extra.setdefault("best_val_loss", None)
+    extra.setdefault("val_loss", None)
+    extra.setdefault("train_loss", None)
+    extra.setdefault("train_accuracy", None)
+    extra["default_prime"] = prefixes[0]
 
     # Everything is checked: only now does anything land on disk.
     out_dir.mkdir(parents=True, exist_ok=True)
     save_lm_cache(data, out_dir / "data")
-    log_metrics = MetricsLog(out_dir / "metrics.jsonl")
+    log_metrics = session.open_metrics()
 
     reporter.on_start({
         "device": str(device), "parameters": model.num_parameters(), "vocab_size": data.tokenizer.vocab_size,
         "train_tokens": len(data.train), "val_tokens": len(data.val), "steps_per_epoch": steps_per_epoch,
         "max_steps": max_steps, "max_time": t.max_time, "source": data.source, "from_cache": data.from_cache,
+        "resumed_at": session.step if session.resumed else None,
     })
 
-    step = 0
-    tokens = 0
-    best_val: float | None = None
-    last_val: float | None = None
-    recent_loss = torch.zeros((), device=device)
-    recent_correct = torch.zeros((), device=device, dtype=torch.long)
-    recent_count = recent_targets = 0
-    last_train_loss: float | None = None
-    accuracy: float | None = None
-    start = time.perf_counter()
-    log_start, log_tokens = start, 0
-    state = None
-    stopped_by = "steps"
-
-    def elapsed() -> float:
-        return time.perf_counter() - start
-
-    def counters() -> dict[str, Any]:
-        return {"step": step, "tokens": tokens, "epoch": step / steps_per_epoch, "seconds": round(elapsed(), 3),
-                "best_val_loss": best_val, "val_loss": last_val, "train_loss": last_train_loss,
-                "train_accuracy": accuracy, "default_prime": prefixes[0]}
-
-    def save(names: tuple[str, ...]) -> None:
-        path = checkpoint.save_to_run(
-            out_dir, names=names, step=step, model=model, tokenizer=data.tokenizer, task=TASK,
-            run_config=config, state=counters(),
-        )
-        reporter.on_save(path, names)
+    running = Running(device)
+    stopped_by = session.stopped_by(max_steps)
 
     def evaluate_and_save() -> None:
-        nonlocal best_val, last_val
-        record: dict[str, Any] = {"step": step, "time": round(elapsed(), 3), "lr": optimizer.param_groups[0]["lr"]}
+        record: dict[str, Any] = {"step": session.step, "time": round(session.elapsed(), 3),
+                                  "lr": optimizer.param_groups[0]["lr"]}
         if len(data.val) >= 2:
             loss, count, val_accuracy = evaluate_lm(model, data.val, batch_size=d.batch_size, seq_len=d.seq_len,
-                                      max_tokens=t.eval_max_tokens, window=d.window)
-            chars = round(count * data.chars_per_token)
-            val = lm_metrics(loss, tokens=count, chars=chars)
-            last_val = loss
-            improved = best_val is None or loss < best_val
+                                                    max_tokens=t.eval_max_tokens, window=d.window)
+            val = lm_metrics(loss, tokens=count, chars=round(count * data.chars_per_token))
+            extra["val_loss"] = loss
+            improved = extra["best_val_loss"] is None or loss < extra["best_val_loss"]
             if improved:
-                best_val = loss
+                extra["best_val_loss"] = loss
             scheduler.step(loss)
             record.update({f"val_{k}": v for k, v in val.items()}, val_accuracy=val_accuracy)
-            reporter.on_eval({**record, "improved": improved, "best_val_loss": best_val})
-            log_metrics(record)
-            save(("best", "last") if improved else ("last",))
+            reporter.on_eval({**record, "improved": improved, "best_val_loss": extra["best_val_loss"]})
         else:
-            # No validation text: the latest weights are the best we know.
+            improved = True  # no validation text: the latest weights are the best we know
             reporter.on_eval(record)
-            log_metrics(record)
-            save(("best", "last"))
+        log_metrics(record)
+        session.save(("best", "last") if improved else ("last",))
         draw_samples()
 
     def draw_samples() -> None:
@@ -280,58 +288,38 @@ def train_language_model(
 
     model.train()
     try:
-        done = False
-        while not done:
-            for batch in batcher.epoch():
-                out = train_step(model, optimizer, batch, state, clip=t.clip, device=device)
-                state = out.state
-                step += 1
-                tokens += tokens_per_step
-                recent_loss += out.loss
-                recent_correct += out.correct
-                recent_count += 1
-                recent_targets += out.count
-
+        while stopped_by is None:
+            for batch in session.epochs(batcher.epoch, *data_state):
+                out = train_step(model, optimizer, batch, session.carry, clip=t.clip, device=device)
+                session.check_finite(out.applied, skip=t.on_nan == "skip")
+                # A skipped batch leaves the weights alone, and the state it produced is not carried.
+                session.carry = out.state if out.applied else None if batch.reset else session.carry
+                session.advance(tokens_per_step)
+                running.add(out, tokens_per_step)
+                step = session.step
                 if step % t.log_every == 0 or step == max_steps:
-                    last_train_loss = (recent_loss / recent_count).item()
-                    if not math.isfinite(last_train_loss):
-                        raise RnnkitError(
-                            f"the training loss became {last_train_loss} by step {step}; lower --lr or use --clip"
-                        )
-                    now = time.perf_counter()
-                    rate = (tokens - log_tokens) / max(now - log_start, 1e-9)
-                    log_start, log_tokens = now, tokens
-                    accuracy = recent_correct.item() / max(recent_targets, 1)
-                    recent_loss.zero_()
-                    recent_correct.zero_()
-                    recent_count = recent_targets = 0
-                    record = {"step": step, "time": round(now - start, 3), "loss": last_train_loss,
-                              "accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"],
-                              "tokens_per_s": round(rate, 1)}
+                    record = running.record(step, session.elapsed(), optimizer.param_groups[0]["lr"])
+                    if session.progress.skipped:
+                        record["skipped"] = session.progress.skipped
+                    extra["train_loss"], extra["train_accuracy"] = record["loss"], record["accuracy"]
                     log_metrics(record)
                     example = _example(data.tokenizer, batch, out.predicted) if d.target == "last" else None
                     reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
                                       "epoch": step / steps_per_epoch, "example": example})
-
-                if max_steps and step >= max_steps:
-                    stopped_by, done = "steps", True
-                elif t.max_time and elapsed() >= t.max_time:
-                    stopped_by, done = "time", True
-                if done or step % t.eval_every == 0:
+                stopped_by = session.stopped_by(max_steps)
+                if stopped_by or step % t.eval_every == 0:
                     evaluate_and_save()
                 elif t.sample_every and step % t.sample_every == 0:
                     draw_samples()
-                if done:
+                if stopped_by:
                     break
-    except KeyboardInterrupt:
-        if step > 0:
-            save(("last",))
+                session.after_step()
+    finally:
         log_metrics.close()
-        raise
-    log_metrics.close()
-    result = TrainResult(
-        steps=step, tokens=tokens, seconds=elapsed(), best_val_loss=best_val, last_val_loss=last_val,
-        train_loss=last_train_loss, stopped_by=stopped_by, train_accuracy=accuracy, history=log_metrics.history,
+    counters = {"step": session.step, "tokens": session.progress.tokens, "seconds": session.elapsed(), **extra}
+    reporter.on_end({**counters, "stopped_by": stopped_by})
+    return TrainResult(
+        steps=session.step, tokens=session.progress.tokens, seconds=session.elapsed(),
+        best_val_loss=extra["best_val_loss"], last_val_loss=extra["val_loss"], train_loss=extra["train_loss"],
+        stopped_by=stopped_by, train_accuracy=extra["train_accuracy"], history=log_metrics.history,
     )
-    reporter.on_end({**counters(), "stopped_by": stopped_by})
-    return result
