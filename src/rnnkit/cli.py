@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Literal, get_origin
 
 from rnnkit import __version__
 from rnnkit.config import SECTIONS, RunConfig, apply_mapping, load_toml, parse_override, set_value, validate
-from rnnkit.errors import RnnkitError
+from rnnkit.errors import RnnkitError, describe_os_error
 
 # ---------------------------------------------------------------- train flags
 
@@ -95,6 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     old = [p for p in (out / "checkpoints", out / "metrics.jsonl") if p.exists()]
     if old and not args.overwrite:
         raise RnnkitError(f"{out} already holds a training run; pass --overwrite to replace it, or choose another --out")
+    _check_writable(out)
     reporter = ConsoleReporter(quiet=args.quiet)
     if config.task == "classify":
         return _train_classifier(config, out, old, reporter)
@@ -109,6 +111,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before reading any data when the run directory cannot be written.
+
+    A real probe (make and remove a folder) rather than ``os.access``, which says yes
+    to root on a read-only mount; nothing is left behind when the probe succeeds.
+    """
+    import tempfile
+
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rnnkit-probe-", dir=base))
+    except OSError as exc:
+        raise RnnkitError(f"cannot write the run directory --out {out}: {describe_os_error(exc)}") from None
+
+
 def _run(train, config: RunConfig, out: Path, old: list[Path], reporter):
     """Replace an old run (only now that the new one is known to start), train, save config.toml.
 
@@ -116,17 +135,22 @@ def _run(train, config: RunConfig, out: Path, old: list[Path], reporter):
     """
     from rnnkit.console import stderr
 
-    for path in old:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
-        result = train()
-    except KeyboardInterrupt:
-        reporter.close()
-        stderr.print(f"interrupted; the last weights are saved in {out} (load them with --checkpoint {out})")
-        return None
-    finally:
-        reporter.close()
-    (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        try:
+            result = train()
+        except KeyboardInterrupt:
+            reporter.close()
+            stderr.print(f"interrupted; the last weights are saved in {out} (load them with --checkpoint {out})")
+            return None
+        finally:
+            reporter.close()
+        (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
+    except OSError as exc:
+        # By now the data is read: what fails is writing the run (logs, cache, config). Checkpoints
+        # are written atomically, so whatever the index names is still complete.
+        raise RnnkitError(f"could not write the run in {out}: {describe_os_error(exc)}") from None
     return result
 
 
@@ -195,11 +219,20 @@ def _to_toml(config: RunConfig) -> str:
 # ---------------------------------------------------------------- generate
 
 
-def _load(path: str, device: str):
+_TASK_NAMES = {"language_model": "language model", "classify": "classifier"}
+
+
+def _load(path: str, device: str, *, task: str | None = None, command: str = ""):
+    """Load a checkpoint; with ``task``, refuse one trained for another task (its model cannot do the job)."""
     from rnnkit.checkpoint import load_checkpoint
     from rnnkit.runtime import resolve_device
 
-    return load_checkpoint(path, device=resolve_device(device))
+    ckpt = load_checkpoint(path, device=resolve_device(device))
+    if task is not None and ckpt.task != task:
+        have = _TASK_NAMES.get(ckpt.task, ckpt.task)
+        raise RnnkitError(f"{path} holds a {have} checkpoint, but `rnnkit {command}` needs a "
+                          f"{_TASK_NAMES[task]}; pass a run trained with --task {task}")
+    return ckpt
 
 
 def _encode_prime(tokenizer, prime: str, unknown: str | None) -> list[int]:
@@ -258,7 +291,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise RnnkitError(f"--num-samples must be >= 1, got {args.num_samples}")
     set_threads(args.threads)
-    ckpt = _load(args.checkpoint, args.device)
+    ckpt = _load(args.checkpoint, args.device, task="language_model", command="generate")
     tok = ckpt.tokenizer
     prime_text = args.prime if args.prime is not None else ckpt.meta.get("state", {}).get("default_prime", "\n")
     prime = _encode_prime(tok, prime_text, args.unknown)
@@ -300,6 +333,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if sum(map(bool, (args.text, args.corpus, args.data))) != 1:
         raise RnnkitError("pass exactly one of --text/--data PATH or --corpus NAME to evaluate on")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 0:
+            raise RnnkitError(f"{flag} must be positive (or 0 for the training value), got {value}")
     set_threads(args.threads)
     ckpt = _load(args.checkpoint, args.device)
     if ckpt.task == "classify":
@@ -385,9 +421,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if bool(args.texts) == bool(args.file):
         raise RnnkitError("give texts to classify as arguments, or --file FILE (not both)")
     set_threads(args.threads)
-    ckpt = _load(args.checkpoint, args.device)
-    if ckpt.task != "classify":
-        raise RnnkitError(f"{args.checkpoint} is a {ckpt.task} checkpoint; `rnnkit classify` needs a classifier")
+    ckpt = _load(args.checkpoint, args.device, task="classify", command="classify")
     labels = ckpt.meta["labels"]
     texts = args.texts or _read_texts(args.file, args.text_column)
     examples = [Example(text=t, label=labels[0]) for t in texts]
@@ -490,8 +524,19 @@ def cmd_corpora(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _UsageError(Exception):
+    """A command line argparse could not parse; main() prints it like any other user error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse would print the whole usage (dozens of train flags) before the one line that
+    # matters; users get that line and a pointer to --help instead, the same as for any error.
+    def error(self, message: str) -> typing.NoReturn:
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rnnkit",
         description="Train, evaluate and sample from recurrent language models (RNN, GRU, LSTM).",
     )
@@ -600,7 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"rnnkit: error: {exc}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
