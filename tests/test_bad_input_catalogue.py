@@ -134,6 +134,8 @@ CASES = [
     pytest.param([*TRAIN, "--text", "{good}", "--set", "train.speed=3"], "'train.speed'", id="unknown-set-key"),
     pytest.param([*TRAIN, "--text", "{good}", "--set", "model=3"], "unknown config key 'model'", id="set-a-section"),
     pytest.param([*TRAIN, "--text", "{good}", "--set", "hidden"], "KEY=VALUE", id="set-without-value"),
+    pytest.param([*TRAIN, "--text", "{good}", "--set", "line\nbreak=1"], "unknown config key 'line\\nbreak'",
+                 id="key-with-a-line-break"),
     pytest.param([*TRAIN, "--text", "{good}", "--config", "{wrong_type_toml}"], "'model.hidden' must be an integer",
                  id="wrong-type-toml"),
     pytest.param([*TRAIN, "--text", "{good}", "--set", "train.lr=fast"], "'train.lr' must be a number",

@@ -202,7 +202,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    # A JSON string is a TOML basic string, except that TOML also forbids a raw DEL character.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _to_toml(config: RunConfig) -> str:
@@ -643,21 +644,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(exc: Exception) -> int:
+    # Messages quote what the user gave (paths, keys, text), which may hold line breaks.
+    print("rnnkit: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except _UsageError as exc:
-        print(f"rnnkit: error: {exc}", file=sys.stderr)
-        return 2
+        return _report(exc)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return args.func(args)
     except RnnkitError as exc:
-        print(f"rnnkit: error: {exc}", file=sys.stderr)
-        return 2
+        return _report(exc)
     except KeyboardInterrupt:
         print("rnnkit: interrupted", file=sys.stderr)
         return 130
