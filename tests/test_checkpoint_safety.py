@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def test_a_pickle_named_model_safetensors_is_refused_unread(tmp_path, writer):
     with open(weights, "rb") as f:
         torch.load(f, weights_only=False) if writer == "torch.save" else pickle.load(f)
     assert marker.exists()
+
+
+def test_a_header_length_that_starts_like_a_pickle_still_loads(tmp_path):
+    # A header of 0x280 bytes begins the file with 80 02, the bytes that open a protocol-2 pickle.
+    folder = _save(tmp_path / "run", 1)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    padded = next(n for n in (0x280, 0x10280) if n >= length)
+    header = data[8 : 8 + length] + b" " * (padded - length)  # the format allows trailing spaces
+    weights.write_bytes(struct.pack("<Q", padded) + header + data[8 + length :])
+    assert weights.read_bytes()[:2] == b"\x80\x02"
+    assert load_checkpoint(folder).path == folder
 
 
 @pytest.mark.parametrize("keep", [0, 7, 8, 40, -1])

@@ -254,30 +254,39 @@ def check_safetensors(file: Path) -> None:
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
-        if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
-            kind = "a Python pickle"
+        # What the file looks like if it is not safetensors. Only a guess for the message: a
+        # real header length can begin with the same bytes, so the structure decides.
+        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            looks_like = "a Python pickle"
         elif head[:4] == b"PK\x03\x04":
-            kind = "a zip archive (the torch.save format, which wraps a pickle)"
-        elif len(head) < 8:
-            raise RnnkitError(f"{file} is truncated ({size} bytes, too short for a safetensors header); "
-                              "copy or download the checkpoint again")
+            looks_like = "a zip archive (the torch.save format, which wraps a pickle)"
         else:
-            kind = None
-        if kind:
-            raise RnnkitError(f"{file} is {kind}, not safetensors; rnnkit never unpickles checkpoint files "
-                              "because that can run arbitrary code: convert the weights to safetensors")
+            looks_like = None
+
+        def refuse(reason: str) -> RnnkitError:
+            if looks_like:
+                return RnnkitError(f"{file} is {looks_like}, not safetensors; rnnkit never unpickles checkpoint "
+                                   "files because that can run arbitrary code: convert the weights to safetensors")
+            return RnnkitError(f"{file} {reason}")
+
+        if len(head) < 8:
+            raise refuse(f"is truncated ({size} bytes, too short for a safetensors header); "
+                         "copy or download the checkpoint again")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER_BYTES:
-            raise RnnkitError(f"{file} is not a safetensors file (its first 8 bytes are no header length)")
-        if 8 + header_len > size:
-            raise RnnkitError(f"{file} is truncated: its header alone needs {8 + header_len} bytes but the file "
-                              f"has {size}; copy or download the checkpoint again")
-        try:
-            header = json.loads(f.read(header_len).decode("utf-8"))
-            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise RnnkitError(f"{file} is not a safetensors file (its header is not a tensor table)") from None
-    needed = 8 + header_len + max((int(e) for e in ends), default=0)
+            raise refuse("is not a safetensors file (its first 8 bytes are no header length)")
+        raw = f.read(header_len)
+    if not raw.startswith(b"{"):
+        raise refuse("is truncated or not a safetensors file (no header table after the first 8 bytes)")
+    if 8 + header_len > size:
+        raise refuse(f"is truncated: its header alone needs {8 + header_len} bytes but the file has {size}; "
+                     "copy or download the checkpoint again")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        needed = 8 + header_len + max((int(e) for e in ends), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise refuse("is not a safetensors file (its header is not a tensor table)") from None
     if needed > size:
         raise RnnkitError(f"{file} is truncated: its tensors need {needed} bytes but the file has {size}; "
                           "copy or download the checkpoint again")
