@@ -7,6 +7,12 @@ A checkpoint is a folder holding
 * ``tokenizer.json``: the tokenizer, so a checkpoint needs nothing else to generate;
 * ``model.safetensors``: the weights (never a pickle, so loading runs no code).
 
+Loading treats the folder as untrusted: it reads only JSON and safetensors,
+refuses a folder that holds pickle-based files (``*.pt``, ``*.bin``, ``*.pkl``,
+...), and checks that ``model.safetensors`` really is safetensors before
+handing it to the library, so a renamed ``torch.save`` file or a truncated
+download is a one-line error and never gets unpickled.
+
 A run directory keeps its checkpoints under ``checkpoints/step-NNNNNNN/`` and
 names the ``best`` and ``last`` ones in ``checkpoints/index.json``. A new
 checkpoint is written to a temporary folder, fsynced and renamed into place;
@@ -18,10 +24,12 @@ or a run directory (its best checkpoint, else its last).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +43,7 @@ from torch import nn
 from rnnkit import __version__
 from rnnkit.config import ModelConfig, RunConfig
 from rnnkit.data.tokenizers import Tokenizer, tokenizer_from_dict
-from rnnkit.errors import RnnkitError
+from rnnkit.errors import RnnkitError, describe_os_error
 from rnnkit.models.classifier import Classifier
 from rnnkit.models.language_model import LanguageModel
 
@@ -43,6 +51,10 @@ FORMAT = "rnnkit-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("config.json", "tokenizer.json", "model.safetensors")
 INDEX = "index.json"
+# Suffixes of formats that are (or wrap) Python pickles: torch.save, pickle, joblib, Lightning.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
+# safetensors itself refuses headers above 100 MB; a larger claim means the file is something else.
+MAX_HEADER_BYTES = 100_000_000
 
 
 @dataclass
@@ -107,9 +119,10 @@ def write_checkpoint(
     (see :mod:`rnnkit.training.session`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -139,10 +152,13 @@ def write_checkpoint(
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RnnkitError(f"could not write checkpoint {path}: {exc.strerror or exc}") from None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RnnkitError(f"could not write checkpoint {path}: {describe_os_error(exc)}; "
+                          "earlier checkpoints are untouched") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
@@ -170,10 +186,27 @@ def save_to_run(
     """Save a checkpoint for ``step`` in a run directory and point ``names`` (best/last) at it."""
     folder = Path(run_dir) / "checkpoints"
     target = folder / f"step-{step:09d}"
-    if target.exists():
-        # Re-saving the same step (e.g. best and then last at the end of a run): replace it.
-        shutil.rmtree(target)
-    write_checkpoint(target, **checkpoint_kwargs)
+    existed = target.exists()
+    if existed:
+        # Re-saving the same step (e.g. best and then last at the end of a run): write the new
+        # copy first and only then swap it in, so a full disk cannot cost the existing one.
+        fresh, stale = folder / f".tmp-new-{target.name}", folder / f".tmp-old-{target.name}"
+        for leftover in (fresh, stale):  # of an earlier crash
+            shutil.rmtree(leftover, ignore_errors=True)
+        write_checkpoint(fresh, **checkpoint_kwargs)
+        try:
+            os.replace(target, stale)
+            try:
+                os.replace(fresh, target)
+            except OSError:
+                os.replace(stale, target)  # put the old one back before reporting
+                raise
+        except OSError as exc:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise RnnkitError(f"could not replace checkpoint {target}: {describe_os_error(exc)}") from None
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        write_checkpoint(target, **checkpoint_kwargs)
     index = read_index(run_dir)
     for name in names:
         index[name] = target.name
@@ -183,7 +216,12 @@ def save_to_run(
         os.replace(tmp, folder / INDEX)
         _fsync_dir(folder)
     except OSError as exc:
-        raise RnnkitError(f"could not update {folder / INDEX}: {exc.strerror or exc}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not existed:  # a folder the index does not name would only be a puzzle
+            shutil.rmtree(target, ignore_errors=True)
+        raise RnnkitError(f"could not update {folder / INDEX}: {describe_os_error(exc)}; "
+                          "it still names the previous checkpoints") from None
     # Remove checkpoint folders that nothing points at any more (and leftovers of crashes).
     keep = set(index.values())
     for child in folder.iterdir():
@@ -208,9 +246,68 @@ def resolve(path: str | Path, *, prefer: str = "best") -> Path:
     raise RnnkitError(f"no checkpoint in {path}: it has neither config.json nor checkpoints/{INDEX}")
 
 
+def refuse_pickles(folder: Path) -> None:
+    """Refuse a checkpoint folder holding pickle-based files: rnnkit never writes or reads them."""
+    found = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if found:
+        raise RnnkitError(
+            f"refusing to load {folder}: it holds {', '.join(found[:3])}, a pickle-based format that can run code "
+            "when loaded, and rnnkit reads only safetensors and JSON; remove those files or use another checkpoint"
+        )
+
+
+def check_safetensors(file: Path) -> None:
+    """Check ``file`` is a complete safetensors file without trusting or unpickling anything in it.
+
+    The format is an 8-byte little-endian header length N, N bytes of JSON
+    naming each tensor's byte range, then the tensor bytes. Checking that here
+    turns a renamed ``torch.save`` file or a cut-off download into a clear error.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        # What the file looks like if it is not safetensors. Only a guess for the message: a
+        # real header length can begin with the same bytes, so the structure decides.
+        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            looks_like = "a Python pickle"
+        elif head[:4] == b"PK\x03\x04":
+            looks_like = "a zip archive (the torch.save format, which wraps a pickle)"
+        else:
+            looks_like = None
+
+        def refuse(reason: str) -> RnnkitError:
+            if looks_like:
+                return RnnkitError(f"{file} is {looks_like}, not safetensors; rnnkit never unpickles checkpoint "
+                                   "files because that can run arbitrary code: convert the weights to safetensors")
+            return RnnkitError(f"{file} {reason}")
+
+        if len(head) < 8:
+            raise refuse(f"is truncated ({size} bytes, too short for a safetensors header); "
+                         "copy or download the checkpoint again")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise refuse("is not a safetensors file (its first 8 bytes are no header length)")
+        raw = f.read(header_len)
+    if not raw.startswith(b"{"):
+        raise refuse("is truncated or not a safetensors file (no header table after the first 8 bytes)")
+    if 8 + header_len > size:
+        raise refuse(f"is truncated: its header alone needs {8 + header_len} bytes but the file has {size}; "
+                     "copy or download the checkpoint again")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        needed = 8 + header_len + max((int(e) for e in ends), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise refuse("is not a safetensors file (its header is not a tensor table)") from None
+    if needed > size:
+        raise RnnkitError(f"{file} is truncated: its tensors need {needed} bytes but the file has {size}; "
+                          "copy or download the checkpoint again")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Only the tokenizer of a checkpoint (or of a run directory's best one)."""
     folder = resolve(path)
+    refuse_pickles(folder)
     try:
         data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -223,6 +320,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
     """Load a checkpoint (or a run directory's best one) for inference. Never unpickles."""
     folder = resolve(path, prefer=prefer)
+    refuse_pickles(folder)
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise RnnkitError(f"incomplete checkpoint {folder}: missing {', '.join(missing)}")
@@ -248,9 +346,12 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", pre
         )
     model = build_model(config.get("task", ""), run_config.model, tokenizer.vocab_size, config)
     try:
+        check_safetensors(folder / "model.safetensors")
         missing_keys, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False, device="cpu")
-    except (SafetensorError, OSError) as exc:
+    except SafetensorError as exc:
         raise RnnkitError(f"cannot read {folder / 'model.safetensors'}: {exc} (truncated or not safetensors?)") from None
+    except OSError as exc:
+        raise RnnkitError(f"cannot read {folder / 'model.safetensors'}: {describe_os_error(exc)}") from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise RnnkitError(f"weights in {folder} do not match its config.json: {first}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Literal, get_origin
 
 from rnnkit import __version__
 from rnnkit.config import SECTIONS, RunConfig, apply_mapping, load_toml, parse_override, set_value, validate
-from rnnkit.errors import RnnkitError
+from rnnkit.errors import RnnkitError, describe_os_error
 
 # ---------------------------------------------------------------- train flags
 
@@ -126,6 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if old and not args.overwrite:
             raise RnnkitError(f"{out} already holds a training run; pass --overwrite to replace it, continue it "
                               f"with --resume {out}, or choose another --out")
+    _check_writable(out)
     reporter = ConsoleReporter(quiet=args.quiet)
     if config.task == "classify":
         return _train_classifier(config, out, old, reporter, resume)
@@ -153,6 +155,23 @@ def _same_tokenizer(tokenizer, folder: Path) -> None:
                           "resume needs the same text")
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before reading any data when the run directory cannot be written.
+
+    A real probe (make and remove a folder) rather than ``os.access``, which says yes
+    to root on a read-only mount; nothing is left behind when the probe succeeds.
+    """
+    import tempfile
+
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rnnkit-probe-", dir=base))
+    except OSError as exc:
+        raise RnnkitError(f"cannot write the run directory --out {out}: {describe_os_error(exc)}") from None
+
+
 def _run(train, config: RunConfig, out: Path, old: list[Path], reporter):
     """Replace an old run (only now that the new one is known to start), train, save config.toml.
 
@@ -163,26 +182,31 @@ def _run(train, config: RunConfig, out: Path, old: list[Path], reporter):
     from rnnkit.console import stderr
     from rnnkit.training.session import StopFlag, Stopped, stop_on_signals
 
-    for path in old:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
     try:
-        with stop_on_signals(StopFlag()) as stop:
-            result = train(stop)
-    except Stopped as stopped:
-        reporter.close()
-        name = {2: "interrupted", 15: "terminated"}.get(stopped.signum, f"stopped by signal {stopped.signum}")
-        stderr.print(f"{name} at step {stopped.step}; the run is saved: continue it with "
-                     f"`rnnkit train --resume {out}`")
-        return stopped.exit_code
-    except KeyboardInterrupt:
-        reporter.close()
-        stderr.print(f"interrupted before the step ended; continue from the last checkpoint with "
-                     f"`rnnkit train --resume {out}`")
-        return 130
-    finally:
-        reporter.close()
-        if (out / "checkpoints").is_dir():  # the run started: record its full configuration
-            (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        try:
+            with stop_on_signals(StopFlag()) as stop:
+                result = train(stop)
+        except Stopped as stopped:
+            reporter.close()
+            name = {2: "interrupted", 15: "terminated"}.get(stopped.signum, f"stopped by signal {stopped.signum}")
+            stderr.print(f"{name} at step {stopped.step}; the run is saved: continue it with "
+                         f"`rnnkit train --resume {out}`")
+            return stopped.exit_code
+        except KeyboardInterrupt:
+            reporter.close()
+            stderr.print("interrupted before the step ended; continue from the last checkpoint with "
+                         f"`rnnkit train --resume {out}`")
+            return 130
+        finally:
+            reporter.close()
+            if (out / "checkpoints").is_dir():  # the run started: record its full configuration
+                (out / "config.toml").write_text(_to_toml(config), encoding="utf-8")
+    except OSError as exc:
+        # By now the data is read: what fails is writing the run (logs, cache, config). Checkpoints
+        # are written atomically, so whatever the index names is still complete.
+        raise RnnkitError(f"could not write the run in {out}: {describe_os_error(exc)}") from None
     return result
 
 
@@ -255,7 +279,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    # A JSON string is a TOML basic string, except that TOML also forbids a raw DEL character.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _to_toml(config: RunConfig) -> str:
@@ -272,11 +297,20 @@ def _to_toml(config: RunConfig) -> str:
 # ---------------------------------------------------------------- generate
 
 
-def _load(path: str, device: str):
+_TASK_NAMES = {"language_model": "language model", "classify": "classifier", "echo": "echo-task model"}
+
+
+def _load(path: str, device: str, *, task: str | None = None, command: str = ""):
+    """Load a checkpoint; with ``task``, refuse one trained for another task (its model cannot do the job)."""
     from rnnkit.checkpoint import load_checkpoint
     from rnnkit.runtime import resolve_device
 
-    return load_checkpoint(path, device=resolve_device(device))
+    ckpt = load_checkpoint(path, device=resolve_device(device))
+    if task is not None and ckpt.task != task:
+        have = _TASK_NAMES.get(ckpt.task, ckpt.task)
+        raise RnnkitError(f"{path} holds a {have} checkpoint, but `rnnkit {command}` needs a "
+                          f"{_TASK_NAMES[task]}; pass a run trained with --task {task}")
+    return ckpt
 
 
 def _encode_prime(tokenizer, prime: str, unknown: str | None) -> list[int]:
@@ -335,9 +369,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise RnnkitError(f"--num-samples must be >= 1, got {args.num_samples}")
     set_threads(args.threads)
-    ckpt = _load(args.checkpoint, args.device)
-    if ckpt.task != "language_model":
-        raise RnnkitError(f"{args.checkpoint} is a {ckpt.task} checkpoint; `rnnkit generate` needs a language model")
+    ckpt = _load(args.checkpoint, args.device, task="language_model", command="generate")
     tok = ckpt.tokenizer
     prime_text = args.prime if args.prime is not None else ckpt.meta.get("state", {}).get("default_prime", "\n")
     prime = _encode_prime(tok, prime_text, args.unknown)
@@ -377,6 +409,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rnnkit.training.evaluate import evaluate_lm
     from rnnkit.training.metrics import lm_metrics
 
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 0:
+            raise RnnkitError(f"{flag} must be positive (or 0 for the training value), got {value}")
     set_threads(args.threads)
     ckpt = _load(args.checkpoint, args.device)
     if ckpt.task == "echo":
@@ -513,9 +548,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if bool(args.texts) == bool(args.file):
         raise RnnkitError("give texts to classify as arguments, or --file FILE (not both)")
     set_threads(args.threads)
-    ckpt = _load(args.checkpoint, args.device)
-    if ckpt.task != "classify":
-        raise RnnkitError(f"{args.checkpoint} is a {ckpt.task} checkpoint; `rnnkit classify` needs a classifier")
+    ckpt = _load(args.checkpoint, args.device, task="classify", command="classify")
     labels = ckpt.meta["labels"]
     texts = args.texts or _read_texts(args.file, args.text_column)
     examples = [Example(text=t, label=labels[0]) for t in texts]
@@ -618,8 +651,19 @@ def cmd_corpora(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _UsageError(Exception):
+    """A command line argparse could not parse; main() prints it like any other user error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse would print the whole usage (dozens of train flags) before the one line that
+    # matters; users get that line and a pointer to --help instead, the same as for any error.
+    def error(self, message: str) -> typing.NoReturn:
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rnnkit",
         description="Train, evaluate and sample from recurrent language models (RNN, GRU, LSTM).",
     )
@@ -743,17 +787,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(exc: Exception) -> int:
+    # Messages quote what the user gave (paths, keys, text), which may hold line breaks.
+    print("rnnkit: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        return _report(exc)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return args.func(args)
     except RnnkitError as exc:
-        print(f"rnnkit: error: {exc}", file=sys.stderr)
-        return 2
+        return _report(exc)
     except KeyboardInterrupt:
         print("rnnkit: interrupted", file=sys.stderr)
         return 130

@@ -250,7 +250,7 @@ def _hints(obj: Any) -> dict[str, Any]:
 def _unknown(key: str, known: list[str], source: str) -> RnnkitError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
-    return RnnkitError(f"{source}: unknown config key '{key}'{hint}")
+    return RnnkitError(f"{source}: unknown config key {key!r}{hint}")  # repr: a key may hold a line break
 
 
 def all_keys() -> list[str]:

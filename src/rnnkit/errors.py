@@ -11,3 +11,19 @@ from __future__ import annotations
 
 class RnnkitError(Exception):
     """A user-facing error: the message is one line, and the CLI exits 2."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """What an operating-system error means for the user, and what to do about it, in one phrase."""
+    import errno
+
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = {
+        errno.ENOSPC: "the disk is full; free some space or write somewhere else",
+        errno.EDQUOT: "the disk quota is used up; free some space or write somewhere else",
+        errno.EACCES: "permission denied; fix the permissions or use another path",
+        errno.EPERM: "operation not permitted; fix the permissions or use another path",
+        errno.EROFS: "the file system is read-only; choose a folder on a writable disk",
+    }.get(exc.errno)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{advice}{where}" if advice else f"{reason}{where}"

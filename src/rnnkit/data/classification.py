@@ -169,6 +169,13 @@ def _read_table(
             line, start = start, reader.line_num + 1
             if not any(field.strip() for field in row):
                 continue  # a blank line is not a row
+            if len(row) > len(names):
+                # Most likely an unquoted delimiter inside a text: which part is the text is a guess.
+                mark = "tab" if delimiter == "\t" else "comma"
+                raise RnnkitError(
+                    f"{path} line {line} has {len(row)} {shown} fields but the header names {len(names)}; "
+                    f'put a text that holds a {mark} in double quotes, or add the missing column names to the header'
+                )
             label = row[at_label].strip() if at_label < len(row) else ""
             body = row[at_text] if at_text < len(row) else ""
             if not label or not body.strip():
@@ -460,7 +467,7 @@ def encode_examples(
         )
     if no_tokens:
         _say(log, f"skipped {_count(len(no_tokens), 'example')} whose text has no tokens" + _where(no_tokens))
-    if not ids:
+    if examples and not ids:  # an empty split (e.g. --test-fraction 0) is simply an empty set
         raise RnnkitError(f"none of the {len(examples)} examples has a known label and a text with tokens")
     return EncodedSet(ids=ids, labels=np.asarray(label_ids, dtype=np.int64), index=np.asarray(index, dtype=np.int64))
 

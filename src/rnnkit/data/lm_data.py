@@ -22,7 +22,7 @@ import numpy as np
 
 from rnnkit.config import DataConfig
 from rnnkit.data import corpora
-from rnnkit.data.tokenizers import Tokenizer, build_tokenizer, tokenizer_from_dict
+from rnnkit.data.tokenizers import Tokenizer, build_tokenizer, count_ids, tokenizer_from_dict
 from rnnkit.errors import RnnkitError
 
 CACHE_VERSION = 1
@@ -133,7 +133,7 @@ def prepare_lm_data(
         tokenizer = build_tokenizer(config, text)
         ids = tokenizer.encode(text)
         # How often the model sees each token (after <unk> mapping): shown by `rnnkit vocab`.
-        tokenizer.counts = np.bincount(ids, minlength=tokenizer.vocab_size).tolist()
+        tokenizer.counts = count_ids(ids, tokenizer.vocab_size)
         train, val, test = split_ids(ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
         arrays = {"train": train, "val": val, "test": test}
         chars = len(text)

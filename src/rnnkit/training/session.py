@@ -184,6 +184,8 @@ def load_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     """Read ``trainer.json`` and ``trainer.safetensors`` of a checkpoint (no pickle involved)."""
     try:
         data = json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
+        checkpoint.refuse_pickles(folder)
+        checkpoint.check_safetensors(folder / "trainer.safetensors")
         tensors = load_file(str(folder / "trainer.safetensors"))
     except FileNotFoundError as exc:
         raise RnnkitError(f"checkpoint {folder} has no trainer state ({Path(exc.filename).name}); it was saved "
