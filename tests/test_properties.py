@@ -149,10 +149,17 @@ def _valid(tp: Any) -> st.SearchStrategy:
 SETTABLE = [key for key in all_keys() if key != "model.tie_weights"]  # tie_weights constrains two other keys
 
 
+# Keys whose valid values are narrower than their type's.
+SPECIAL = {
+    "data.symbols": st.integers(min_value=2, max_value=36),
+    "train.live_plot": st.none() | VALID_BY_TYPE[str].map(lambda name: name + ".png"),
+}
+
+
 @st.composite
 def overrides(draw) -> dict[str, Any]:
     keys = draw(st.lists(st.sampled_from(SETTABLE), unique=True, max_size=12))
-    return {key: draw(_valid(HINTS[key])) for key in keys}
+    return {key: draw(SPECIAL[key] if key in SPECIAL else _valid(HINTS[key])) for key in keys}
 
 
 @MODEST
