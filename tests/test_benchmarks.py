@@ -16,6 +16,7 @@ CASES = {
     "train_throughput.py": {"rnnkit_tokens_per_s", "baseline_tokens_per_s", "ratio"},
     "generate_throughput.py": {"stateful_chars_per_s", "refeed_chars_per_s", "speedup", "batched64_chars_per_s"},
     "scratch_vs_fused.py": {"ratio"},
+    "crash_resume.py": {"kills", "resumes", "steps"},
 }
 
 
