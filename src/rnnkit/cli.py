@@ -204,44 +204,14 @@ def _load(path: str, device: str):
 
 def _encode_prime(tokenizer, prime: str, unknown: str | None) -> list[int]:
     from rnnkit.console import stderr
+    from rnnkit.inference import encode_prime
 
-    unknown = unknown or tokenizer.default_unknown
-    try:
-        ids = tokenizer.encode(prime, unknown=unknown)
-    except RnnkitError as exc:
-        raise RnnkitError(f"prime {prime!r}: {exc}") from None
-    if len(ids) == 0:
-        raise RnnkitError(f"the prime {prime!r} is empty after tokenization; give text made of known tokens")
-    missing = tokenizer.unknown_in(prime)
-    if missing:
-        what = "mapped to <unk>" if unknown == "unk" else "skipped"
-        stderr.print(f"warning: {what} {len(missing)} piece(s) of the prime not in the vocabulary: "
-                     + " ".join(repr(c) for c in missing[:8]))
-    return ids.tolist()
-
-
-class _StreamText:
-    """Turns a growing list of ids into text increments (word and BPE decoding needs context)."""
-
-    def __init__(self, tokenizer, prime: list[int], *, echo: bool) -> None:
-        self.tok = tokenizer
-        self.ids = list(prime)
-        self.shown = "" if echo else tokenizer.decode(prime)
-
-    def start(self) -> str:
-        return self.push([])
-
-    def push(self, new: list[int]) -> str:
-        self.ids += new
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # half of a multi-byte character: wait for the rest
-        if not text.startswith(self.shown):
-            # Re-spacing changed earlier text (rare): show only what is new from here on.
-            self.shown = text
-            return ""
-        piece, self.shown = text[len(self.shown):], text
-        return piece
+    encoded = encode_prime(tokenizer, prime, unknown=unknown)
+    if encoded.unknown:
+        what = "mapped to <unk>" if (unknown or tokenizer.default_unknown) == "unk" else "skipped"
+        stderr.print(f"warning: {what} {len(encoded.unknown)} piece(s) of the prime not in the vocabulary: "
+                     + " ".join(repr(c) for c in encoded.unknown[:8]))
+    return encoded.ids
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -249,6 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from rnnkit.config import generation_window
     from rnnkit.generation import check_sampling, generate
+    from rnnkit.inference import StreamText
     from rnnkit.runtime import set_threads
 
     for temperature in args.temperature:
@@ -273,7 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples == 1:
             if headers:
                 out.write(f"----- temperature {temperature:g} -----\n")
-            stream = _StreamText(tok, prime, echo=not args.continuation_only)
+            stream = StreamText(tok, prime, echo=not args.continuation_only)
             out.write(stream.start())
             for ids in steps:  # stream each token as soon as it exists
                 out.write(stream.push(ids.tolist()))
@@ -378,9 +349,8 @@ def _read_texts(path: str, text_column: str) -> list[str]:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from rnnkit.console import stderr
-    from rnnkit.data.classification import BucketBatcher, Example, encode_examples
+    from rnnkit.inference import classify_texts
     from rnnkit.runtime import set_threads
-    from rnnkit.training.classify import predict_proba
 
     if bool(args.texts) == bool(args.file):
         raise RnnkitError("give texts to classify as arguments, or --file FILE (not both)")
@@ -390,16 +360,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise RnnkitError(f"{args.checkpoint} is a {ckpt.task} checkpoint; `rnnkit classify` needs a classifier")
     labels = ckpt.meta["labels"]
     texts = args.texts or _read_texts(args.file, args.text_column)
-    examples = [Example(text=t, label=labels[0]) for t in texts]
     run = ckpt.run_config.data
-    encoded = encode_examples(examples, tokenizer=ckpt.tokenizer, labels=labels, max_len=run.max_len,
-                              truncate=run.truncate, log=lambda m: stderr.print(f"warning: {m}"))
-    if len(encoded) == 0:
-        raise RnnkitError("no text has a word the model can read")
-    batches = BucketBatcher(encoded, batch_size=256, pad_id=ckpt.model.pad_id, shuffle=False)
-    probs, _ = predict_proba(ckpt.model, batches)
+    probs, index = classify_texts(ckpt.model, ckpt.tokenizer, labels, texts, max_len=run.max_len,
+                                  truncate=run.truncate, log=lambda m: stderr.print(f"warning: {m}"))
     out = sys.stdout
-    for i, p in zip(encoded.index, probs, strict=True):
+    for i, p in zip(index, probs, strict=True):
         k = int(p.argmax())
         line = f"{labels[k]}\t{p[k]:.4f}\t{texts[i]}"
         if args.all:
