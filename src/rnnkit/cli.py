@@ -1,6 +1,7 @@
 """The ``rnnkit`` command: a thin shell over the library.
 
-Subcommands: ``train``, ``generate``, ``eval``, ``corpora``. Results go to
+Subcommands: ``train``, ``compare-sampling``, ``generate``, ``eval``, ``classify``, ``vocab``, ``serve``,
+``corpora``. Results go to
 stdout; progress, warnings and errors go to stderr. A user mistake prints one
 line ``rnnkit: error: ...`` and exits with status 2; Ctrl-C exits with 130.
 """
@@ -17,7 +18,16 @@ from pathlib import Path
 from typing import Any, Literal, get_origin
 
 from rnnkit import __version__
-from rnnkit.config import SECTIONS, RunConfig, apply_mapping, load_toml, parse_override, set_value, validate
+from rnnkit.config import (
+    SECTIONS,
+    RunConfig,
+    ServeLimits,
+    apply_mapping,
+    load_toml,
+    parse_override,
+    set_value,
+    validate,
+)
 from rnnkit.errors import RnnkitError
 
 # ---------------------------------------------------------------- train flags
@@ -219,7 +229,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from rnnkit.config import generation_window
     from rnnkit.generation import check_sampling, generate
-    from rnnkit.inference import StreamText
+    from rnnkit.inference import StreamText, continuation
     from rnnkit.runtime import set_threads
 
     for temperature in args.temperature:
@@ -254,8 +264,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             columns = torch.stack(list(steps), dim=1).tolist() if args.length else [[]] * args.num_samples
             for i, ids in enumerate(columns, 1):
                 out.write(f"----- temperature {temperature:g}, sample {i} -----\n")
-                text = tok.decode(prime + ids)
-                out.write((text[len(tok.decode(prime)):] if args.continuation_only else text) + "\n")
+                out.write((continuation(tok, prime, ids) if args.continuation_only else tok.decode(prime + ids))
+                          + "\n")
         out.flush()
     return 0
 
@@ -430,6 +440,27 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+
+SERVE_EXTRA = ("fastapi", "uvicorn", "starlette", "pydantic")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from rnnkit import server
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVE_EXTRA:
+            raise
+        raise RnnkitError(f"`rnnkit serve` needs the serve extra ({exc.name} is missing): "
+                          "pip install 'rnnkit[serve]'") from None
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
+    if not 0 <= args.port <= 65535:
+        raise RnnkitError(f"--port must be in 0..65535, got {args.port}")
+    server.serve(args.checkpoint, host=args.host, port=args.port, limits=limits, workers=args.workers,
+                 threads=args.threads, log_level=args.log_level)
+    return 0
+
+
 # ---------------------------------------------------------------- corpora
 
 
@@ -554,6 +585,26 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--sort", choices=["count", "id"], default="count", help="order (default: by count)")
     voc.add_argument("--json", action="store_true", help="print one JSON object")
     voc.set_defaults(func=cmd_vocab)
+
+    srv = sub.add_parser("serve", help="serve a checkpoint over HTTP: JSON API, streaming, sessions, a web page",
+                         description="Serve one checkpoint over HTTP (needs `pip install 'rnnkit[serve]'`): "
+                                     "GET / is a web page, GET /docs the API; the model is loaded once and "
+                                     "requests run on a pool of worker threads.")
+    srv.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port; default: 8000)")
+    srv.add_argument("--workers", type=int, default=2,
+                     help="threads that run model work concurrently (default: 2)")
+    srv.add_argument("--threads", type=int, default=1,
+                     help="torch threads per request (0: torch's default; default: 1)")
+    for f in dataclasses.fields(ServeLimits):
+        srv.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                         metavar="SECONDS" if f.type == "float" else "N",
+                         help=f"{f.metadata['help']} (default: {f.default:g})")
+    srv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
+                     help="server log detail on stderr; info logs every request (default: info)")
+    srv.set_defaults(func=cmd_serve)
 
     corp = sub.add_parser("corpora", help="list or fetch the named corpora")
     corp.add_argument("action", choices=["list", "fetch"], help="list the corpora, or fetch some into the cache")

@@ -43,6 +43,14 @@ def _clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def continuation(tokenizer: Tokenizer, context: Sequence[int], new: Sequence[int]) -> str:
+    """The text ``new`` ids add after ``context``, decoded together (word spacing, multi-byte characters)."""
+    head = tokenizer.decode(context)
+    text = tokenizer.decode([*context, *new])
+    # Re-spacing can change the end of the context itself (rare): then decode the new ids alone.
+    return text[len(head):] if text.startswith(head) else tokenizer.decode(new)
+
+
 class StreamText:
     """Turns a growing list of ids into text increments (word and BPE decoding needs context).
 
