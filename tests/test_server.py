@@ -433,6 +433,31 @@ def test_serve_reports_a_busy_port(paths, capsys):
         busy.close()
 
 
+def test_connections_to_the_listening_socket_send_small_writes_at_once():
+    """asyncio switches Nagle's algorithm off only when the socket says it is TCP; else ~40 ms per response."""
+    import socket
+
+    from rnnkit.server import listen
+
+    async def nodelay_seen_by_the_server() -> list[int]:
+        seen = []
+
+        async def handle(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = listen("127.0.0.1", 0)
+        server = await asyncio.start_server(handle, sock=sock)  # what uvicorn does with the socket
+        reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        await reader.read()  # until the server hangs up
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    assert asyncio.run(nodelay_seen_by_the_server()) == [1]
+
+
 # ---------------------------------------------------------------- end to end: real server, real browser
 
 
