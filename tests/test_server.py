@@ -400,6 +400,27 @@ def test_serving_never_loads_the_training_code():
     assert not {m for m in loaded if m.startswith("rnnkit.training")}
 
 
+def test_a_stream_whose_client_leaves_frees_its_worker():
+    """The worker producing a stream stops once nobody reads it (else one lost client holds a worker forever)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import count
+
+    from rnnkit.server import _iterate_on
+
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def read_two_then_leave() -> tuple[list[str], str]:
+        stream = _iterate_on(pool, (str(i) for i in count()))  # never ends by itself
+        got = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        # With the loop still running, the only worker must come free (the timeout only bounds a failure).
+        free = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, lambda: "free"), 60)
+        return got, free
+
+    assert asyncio.run(read_two_then_leave()) == (["0", "1"], "free")
+    pool.shutdown()
+
+
 # ---------------------------------------------------------------- the command
 
 
