@@ -20,8 +20,8 @@
 
 Prints one JSON object on stdout; progress goes to stderr.
 
-    .venv/bin/python benchmarks/serve_load.py            # full run (~2-3 min on 2 cores)
-    .venv/bin/python benchmarks/serve_load.py --quick    # smoke run (~15 s)
+    .venv/bin/python benchmarks/serve_load.py            # full run (~1.5-2 min on 2 cores)
+    .venv/bin/python benchmarks/serve_load.py --quick    # smoke run (~10 s)
 """
 
 from __future__ import annotations
