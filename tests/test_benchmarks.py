@@ -39,3 +39,17 @@ def test_sentiment_benchmark_quick_run(shared_corpora):
     result = json.loads(proc.stdout)
     for name in ("classic", "best"):
         assert 0 <= result[name]["test_accuracy"] <= 1 and result[name]["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_serve_load_quick_run_answers_every_request():
+    """The load script drives a real `rnnkit serve`: every request must succeed (the speed is not tested)."""
+    pytest.importorskip("fastapi", reason="the serve benchmark needs the serve extra")
+    proc = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["requests"] == 80 and result["errors"] == 0 and result["server_tracebacks"] == 0
+    assert all(result[key] > 0 for key in ("requests_per_s", "p50_ms", "p99_ms"))
+    rows = result["session_continuation"]["per_history"]
+    assert [r["history_tokens"] for r in rows] == [100, 1000] and all(r["session_ms"] > 0 for r in rows)

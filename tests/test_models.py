@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rnnkit.config import ModelConfig
-from rnnkit.generation import filter_logits, generate_ids, sample_next
+from rnnkit.generation import Stream, filter_logits, generate_ids, sample_next
 from rnnkit.models.language_model import LanguageModel
 
 CELLS = ["lstm", "gru", "rnn"]
@@ -80,6 +80,36 @@ def test_generation_is_deterministic_for_a_seed():
 def test_temperature_zero_is_argmax():
     logits = torch.randn(5, 30)
     assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    logits = torch.randn(5, 30) * 10
+    assert torch.equal(sample_next(logits, temperature=1e-40), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_a_stream_fed_in_parts_continues_like_one_prime(window):
+    """Feeding, sampling and feeding again equals generating from the whole text as one prime."""
+    model = make()
+    stream = Stream(model, window=window)
+    stream.feed([1, 5])
+    stream.feed([7, 2, 9])
+    first = torch.cat(list(stream.sample(length=6, temperature=0))).tolist()
+    assert first == generate_ids(model, [1, 5, 7, 2, 9], length=6, temperature=0, window=window)[0]
+    stream.feed([4])
+    gen = torch.Generator().manual_seed(3)
+    more = torch.cat(list(stream.sample(length=8, temperature=1.0, generator=gen))).tolist()
+    history = [1, 5, 7, 2, 9, *first, 4]
+    assert stream.tokens == len(history) + 8
+    assert more == generate_ids(model, history, length=8, temperature=1.0, window=window,
+                                generator=torch.Generator().manual_seed(3))[0]
+
+
+def test_a_stream_must_read_before_it_samples():
+    from rnnkit.errors import RnnkitError
+
+    with pytest.raises(RnnkitError, match="read nothing"):
+        next(Stream(make()).sample(length=1))
 
 
 def test_batched_samples_differ_but_share_the_prime():

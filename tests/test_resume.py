@@ -21,7 +21,7 @@ from rnnkit.errors import RnnkitError
 from rnnkit.training.classify import ClassifyData, train_classifier
 from rnnkit.training.echo import train_echo
 from rnnkit.training.loop import Reporter, train_language_model
-from rnnkit.training.session import Resume, Stopped, StopFlag
+from rnnkit.training.session import Resume, StopFlag, Stopped
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 40
 

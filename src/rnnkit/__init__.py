@@ -22,7 +22,19 @@ from rnnkit.data.tokenizers import CharTokenizer  # noqa: E402
 from rnnkit.errors import RnnkitError  # noqa: E402
 from rnnkit.generation import generate, generate_ids, sample_next  # noqa: E402
 from rnnkit.models.language_model import LanguageModel  # noqa: E402
-from rnnkit.training.loop import TrainResult, train_language_model  # noqa: E402
+
+# The training names load on first use (PEP 562), so that importing the package for
+# inference (the server, `rnnkit generate`) does not pull in the training code.
+_TRAINING = {"TrainResult", "train_language_model"}
+
+
+def __getattr__(name: str):
+    if name in _TRAINING:
+        from rnnkit.training import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'rnnkit' has no attribute {name!r}")
+
 
 __all__ = [
     "Checkpoint", "CharTokenizer", "DataConfig", "LMData", "LanguageModel", "ModelConfig", "RnnkitError",

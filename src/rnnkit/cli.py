@@ -1,6 +1,7 @@
 """The ``rnnkit`` command: a thin shell over the library.
 
-Subcommands: ``train``, ``generate``, ``eval``, ``corpora``. Results go to
+Subcommands: ``train``, ``compare-sampling``, ``generate``, ``eval``, ``classify``, ``vocab``, ``serve``,
+``corpora``. Results go to
 stdout; progress, warnings and errors go to stderr. A user mistake prints one
 line ``rnnkit: error: ...`` and exits with status 2; Ctrl-C exits with 130.
 """
@@ -18,7 +19,16 @@ from pathlib import Path
 from typing import Any, Literal, get_origin
 
 from rnnkit import __version__
-from rnnkit.config import SECTIONS, RunConfig, apply_mapping, load_toml, parse_override, set_value, validate
+from rnnkit.config import (
+    SECTIONS,
+    RunConfig,
+    ServeLimits,
+    apply_mapping,
+    load_toml,
+    parse_override,
+    set_value,
+    validate,
+)
 from rnnkit.errors import RnnkitError, describe_os_error
 
 # ---------------------------------------------------------------- train flags
@@ -315,44 +325,14 @@ def _load(path: str, device: str, *, task: str | None = None, command: str = "")
 
 def _encode_prime(tokenizer, prime: str, unknown: str | None) -> list[int]:
     from rnnkit.console import stderr
+    from rnnkit.inference import encode_prime
 
-    unknown = unknown or tokenizer.default_unknown
-    try:
-        ids = tokenizer.encode(prime, unknown=unknown)
-    except RnnkitError as exc:
-        raise RnnkitError(f"prime {prime!r}: {exc}") from None
-    if len(ids) == 0:
-        raise RnnkitError(f"the prime {prime!r} is empty after tokenization; give text made of known tokens")
-    missing = tokenizer.unknown_in(prime)
-    if missing:
-        what = "mapped to <unk>" if unknown == "unk" else "skipped"
-        stderr.print(f"warning: {what} {len(missing)} piece(s) of the prime not in the vocabulary: "
-                     + " ".join(repr(c) for c in missing[:8]))
-    return ids.tolist()
-
-
-class _StreamText:
-    """Turns a growing list of ids into text increments (word and BPE decoding needs context)."""
-
-    def __init__(self, tokenizer, prime: list[int], *, echo: bool) -> None:
-        self.tok = tokenizer
-        self.ids = list(prime)
-        self.shown = "" if echo else tokenizer.decode(prime)
-
-    def start(self) -> str:
-        return self.push([])
-
-    def push(self, new: list[int]) -> str:
-        self.ids += new
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # half of a multi-byte character: wait for the rest
-        if not text.startswith(self.shown):
-            # Re-spacing changed earlier text (rare): show only what is new from here on.
-            self.shown = text
-            return ""
-        piece, self.shown = text[len(self.shown):], text
-        return piece
+    encoded = encode_prime(tokenizer, prime, unknown=unknown)
+    if encoded.unknown:
+        what = "mapped to <unk>" if (unknown or tokenizer.default_unknown) == "unk" else "skipped"
+        stderr.print(f"warning: {what} {len(encoded.unknown)} piece(s) of the prime not in the vocabulary: "
+                     + " ".join(repr(c) for c in encoded.unknown[:8]))
+    return encoded.ids
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -360,6 +340,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from rnnkit.config import generation_window
     from rnnkit.generation import check_sampling, generate
+    from rnnkit.inference import StreamText, continuation
     from rnnkit.runtime import set_threads
 
     for temperature in args.temperature:
@@ -384,7 +365,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.num_samples == 1:
             if headers:
                 out.write(f"----- temperature {temperature:g} -----\n")
-            stream = _StreamText(tok, prime, echo=not args.continuation_only)
+            stream = StreamText(tok, prime, echo=not args.continuation_only)
             out.write(stream.start())
             for ids in steps:  # stream each token as soon as it exists
                 out.write(stream.push(ids.tolist()))
@@ -394,8 +375,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             columns = torch.stack(list(steps), dim=1).tolist() if args.length else [[]] * args.num_samples
             for i, ids in enumerate(columns, 1):
                 out.write(f"----- temperature {temperature:g}, sample {i} -----\n")
-                text = tok.decode(prime + ids)
-                out.write((text[len(tok.decode(prime)):] if args.continuation_only else text) + "\n")
+                out.write((continuation(tok, prime, ids) if args.continuation_only else tok.decode(prime + ids))
+                          + "\n")
         out.flush()
     return 0
 
@@ -541,9 +522,8 @@ def _read_texts(path: str, text_column: str) -> list[str]:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from rnnkit.console import stderr
-    from rnnkit.data.classification import BucketBatcher, Example, encode_examples
+    from rnnkit.inference import classify_texts
     from rnnkit.runtime import set_threads
-    from rnnkit.training.classify import predict_proba
 
     if bool(args.texts) == bool(args.file):
         raise RnnkitError("give texts to classify as arguments, or --file FILE (not both)")
@@ -551,16 +531,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     ckpt = _load(args.checkpoint, args.device, task="classify", command="classify")
     labels = ckpt.meta["labels"]
     texts = args.texts or _read_texts(args.file, args.text_column)
-    examples = [Example(text=t, label=labels[0]) for t in texts]
     run = ckpt.run_config.data
-    encoded = encode_examples(examples, tokenizer=ckpt.tokenizer, labels=labels, max_len=run.max_len,
-                              truncate=run.truncate, log=lambda m: stderr.print(f"warning: {m}"))
-    if len(encoded) == 0:
-        raise RnnkitError("no text has a word the model can read")
-    batches = BucketBatcher(encoded, batch_size=256, pad_id=ckpt.model.pad_id, shuffle=False)
-    probs, _ = predict_proba(ckpt.model, batches)
+    probs, index = classify_texts(ckpt.model, ckpt.tokenizer, labels, texts, max_len=run.max_len,
+                                  truncate=run.truncate, log=lambda m: stderr.print(f"warning: {m}"))
     out = sys.stdout
-    for i, p in zip(encoded.index, probs, strict=True):
+    for i, p in zip(index, probs, strict=True):
         k = int(p.argmax())
         line = f"{labels[k]}\t{p[k]:.4f}\t{texts[i]}"
         if args.all:
@@ -623,6 +598,27 @@ def cmd_vocab(args: argparse.Namespace) -> int:
         print(f"{i:>6}  {count if count is not None else '-':>10}  {share}  {token!r}")
     if len(shown) < len(rows):
         print(f"... {len(rows) - len(shown)} more (--top 0 shows all)")
+    return 0
+
+
+# ---------------------------------------------------------------- serve
+
+SERVE_EXTRA = ("fastapi", "uvicorn", "starlette", "pydantic")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from rnnkit import server
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVE_EXTRA:
+            raise
+        raise RnnkitError(f"`rnnkit serve` needs the serve extra ({exc.name} is missing): "
+                          "pip install 'rnnkit[serve]'") from None
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
+    if not 0 <= args.port <= 65535:
+        raise RnnkitError(f"--port must be in 0..65535, got {args.port}")
+    server.serve(args.checkpoint, host=args.host, port=args.port, limits=limits, workers=args.workers,
+                 threads=args.threads, log_level=args.log_level)
     return 0
 
 
@@ -778,6 +774,26 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--sort", choices=["count", "id"], default="count", help="order (default: by count)")
     voc.add_argument("--json", action="store_true", help="print one JSON object")
     voc.set_defaults(func=cmd_vocab)
+
+    srv = sub.add_parser("serve", help="serve a checkpoint over HTTP: JSON API, streaming, sessions, a web page",
+                         description="Serve one checkpoint over HTTP (needs `pip install 'rnnkit[serve]'`): "
+                                     "GET / is a web page, GET /docs the API; the model is loaded once and "
+                                     "requests run on a pool of worker threads.")
+    srv.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port; default: 8000)")
+    srv.add_argument("--workers", type=int, default=2,
+                     help="threads that run model work concurrently (default: 2)")
+    srv.add_argument("--threads", type=int, default=1,
+                     help="torch threads per request (0: torch's default; default: 1)")
+    for f in dataclasses.fields(ServeLimits):
+        srv.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                         metavar="SECONDS" if f.type == "float" else "N",
+                         help=f"{f.metadata['help']} (default: {f.default:g})")
+    srv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
+                     help="server log detail on stderr; info logs every request (default: info)")
+    srv.set_defaults(func=cmd_serve)
 
     corp = sub.add_parser("corpora", help="list or fetch the named corpora")
     corp.add_argument("action", choices=["list", "fetch"], help="list the corpora, or fetch some into the cache")

@@ -161,6 +161,24 @@ class RunConfig:
 SECTIONS = ("data", "model", "train")
 
 
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request to ``rnnkit serve`` may ask for, and how many sessions the server keeps."""
+
+    max_length: int = knob(1000, "most tokens one request may generate")
+    max_samples: int = knob(8, "most samples one /generate may ask for")
+    max_texts: int = knob(64, "most texts one /classify may send")
+    max_request_bytes: int = knob(256 * 1024, "largest request body accepted, in bytes (bounds a prime or a feed)")
+    max_sessions: int = knob(256, "live sessions kept; a new one evicts the least recently used")
+    session_idle: float = knob(900.0, "seconds a session may sit unused before it is dropped")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value <= 0:
+                raise RnnkitError(f"--{f.name.replace('_', '-')} must be positive, got {value:g}")
+
+
 def generation_window(config: RunConfig) -> int:
     """How many tokens a model trained this way reads per prediction (0: all, with carried state).
 

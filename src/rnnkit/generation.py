@@ -51,12 +51,107 @@ def sample_next(
     """Pick one id per row of (B, V) logits; temperature 0 is argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    probs = torch.softmax(logits, dim=-1)
+    logits = logits.float()
+    # Shift each row's top logit to 0 before dividing: softmax is unchanged, and a tiny
+    # temperature then sends the others to -inf (greedy) instead of overflowing into inf - inf = nan.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    probs = torch.softmax(filter_logits(logits, top_k=top_k, top_p=top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+# A long text is read in pieces of this many tokens: the logits of a piece, (N, T, V),
+# stay small even for a large vocabulary, and the state carries across pieces.
+READ_CHUNK = 4096
+
+
+class Stream:
+    """A text being read and written by one model: feed tokens, sample tokens, in any order.
+
+    The recurrent state after the last token read ((L, N, H) tensors) and that
+    token's logits (N, V) summarise everything before, so each new token costs
+    one recurrent step, however long the text already is. The N rows start from
+    one shared history (:meth:`fork`) and then go their own ways.
+
+    ``window`` N > 0 is for many-to-one models, trained to read exactly N tokens
+    from a zero state: the stream then keeps the last N tokens and each
+    prediction re-reads them, as the model was trained (a carried state would
+    take it where training never went).
+
+    A stream is not thread-safe: one caller at a time (the model may be shared).
+    """
+
+    def __init__(self, model: nn.Module, *, window: int = 0) -> None:
+        self.model = model
+        self.window = window
+        self.device = next(model.parameters()).device
+        self.rows = 1
+        self.tokens = 0  # tokens read so far (per row)
+        self.state = None  # carried state; None before the first token
+        self.logits: torch.Tensor | None = None  # (N, V) prediction after the last token read
+        self.recent: torch.Tensor | None = None  # (N, <=window) the last tokens, windowed models only
+
+    @torch.inference_mode()
+    def feed(self, ids: Sequence[int] | torch.Tensor) -> None:
+        """Read ``ids`` (the same for every row): one forward pass per chunk, from the carried state."""
+        x = torch.as_tensor(ids, dtype=torch.long).to(self.device).reshape(1, -1).expand(self.rows, -1)  # (N, T)
+        self._read(x)
+
+    def fork(self, rows: int) -> None:
+        """Turn the one row read so far into ``rows`` identical rows (independent samples from one prime)."""
+        if self.rows != 1:
+            raise RnnkitError("only a one-row stream can be forked")
+        self.rows = rows
+        if self.state is not None:
+            self.state = tuple(s.repeat(1, rows, 1) for s in self.state)  # (L, N, H)
+        if self.logits is not None:
+            self.logits = self.logits.expand(rows, -1)  # (N, V)
+        if self.recent is not None:
+            self.recent = self.recent.expand(rows, -1)  # (N, <=W)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        *,
+        length: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield ``length`` steps of new ids, each a (N,) tensor on the CPU, every one read before it is yielded.
+
+        So the stream holds exactly the yielded tokens, even when the caller stops early.
+        """
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        if self.tokens == 0:
+            raise RnnkitError("the stream has read nothing yet: feed at least one token to start from")
+        for _ in range(length):
+            # Sampling runs on the CPU so that a seeded CPU generator gives the same text on any device.
+            nxt = sample_next(self._next_logits().float().cpu(), temperature=temperature, top_k=top_k,
+                              top_p=top_p, generator=generator)
+            self._read(nxt.to(self.device).unsqueeze(1))  # one step: (N, 1)
+            yield nxt
+
+    def _next_logits(self) -> torch.Tensor:
+        if self.window:
+            logits, _ = self.model(self.recent)  # a fresh zero state every step: (N, W, V)
+            return logits[:, -1]
+        return self.logits
+
+    def _read(self, x: torch.Tensor) -> None:
+        """Advance every row over x (N, T)."""
+        if x.shape[1] == 0:
+            return
+        self.tokens += x.shape[1]
+        if self.window:
+            recent = x if self.recent is None else torch.cat([self.recent, x], dim=1)
+            self.recent = recent[:, -self.window:]
+            return
+        for chunk in x.split(READ_CHUNK, dim=1):
+            logits, self.state = self.model(chunk, self.state)  # (N, T, V)
+        self.logits = logits[:, -1]
+
+
 def generate(
     model: nn.Module,
     prime: Sequence[int],
@@ -71,10 +166,8 @@ def generate(
 ) -> Iterator[torch.Tensor]:
     """Yield ``length`` steps of new ids, each a (num_samples,) tensor on the CPU.
 
-    All samples share the prime and are generated together as one batch.
-    ``window`` N > 0 is for many-to-one models, trained to read exactly N tokens
-    from a zero state: each step then re-reads the last N tokens, as the model
-    was trained (a carried state would take it where training never went).
+    The prime is read once; all samples share it and are generated together as
+    one batch. ``window``: see :class:`Stream`.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if len(prime) == 0:
@@ -82,37 +175,13 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        ids = torch.as_tensor(list(prime), dtype=torch.long, device=device)
-        if window:
-            yield from _generate_windowed(model, ids, length=length, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, num_samples=num_samples, generator=generator, window=window)
-            return
-        logits, state = model(ids.unsqueeze(0))  # prime once: (1, P, V)
-        state = tuple(s.repeat(1, num_samples, 1) for s in state)  # (L, N, H)
-        logits = logits[:, -1].expand(num_samples, -1)  # (N, V)
-        for _ in range(length):
-            # Sampling runs on the CPU so that a seeded CPU generator gives the same text on any device.
-            nxt = sample_next(
-                logits.float().cpu(), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
-            yield nxt
-            logits, state = model(nxt.to(device).unsqueeze(1), state)  # one step: (N, 1, V)
-            logits = logits[:, -1]
+        stream = Stream(model, window=window)
+        stream.feed(list(prime))  # prime once, as one row
+        stream.fork(num_samples)
+        yield from stream.sample(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generator)
     finally:
         model.train(was_training)
-
-
-def _generate_windowed(model: nn.Module, ids: torch.Tensor, *, length: int, temperature: float, top_k: int,
-                       top_p: float, num_samples: int, generator: torch.Generator | None,
-                       window: int) -> Iterator[torch.Tensor]:
-    recent = ids[-window:].unsqueeze(0).repeat(num_samples, 1)  # (N, <=W)
-    for _ in range(length):
-        logits, _ = model(recent)  # a fresh zero state every step: (N, W, V)
-        nxt = sample_next(logits[:, -1].float().cpu(), temperature=temperature, top_k=top_k, top_p=top_p,
-                          generator=generator)
-        yield nxt
-        recent = torch.cat([recent, nxt.to(recent.device).unsqueeze(1)], dim=1)[:, -window:]
 
 
 def generate_ids(model: nn.Module, prime: Sequence[int], **kwargs) -> list[list[int]]:

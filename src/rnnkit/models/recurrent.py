@@ -208,6 +208,11 @@ class Recurrent(nn.Module):
         (I + H, G*H) matrix; measured here it runs about twice as fast as two ``F.linear``
         calls on the (G*H, I) and (G*H, H) weights. The cache is rebuilt whenever a
         weight changes (training in between, loading a checkpoint).
+
+        Safe when several threads generate from one model (the server): an entry is
+        built completely and then published with one dict assignment, so a reader
+        sees either no entry or a whole one; two threads that miss at once both
+        build the same matrices and the last one's stays.
         """
         weights = self.layer_weights(k)
         key = tuple((w.data_ptr(), w._version) for w in weights)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 from rnnkit import checkpoint
@@ -23,6 +22,7 @@ from rnnkit.config import RunConfig
 from rnnkit.data.classification import BucketBatcher, EncodedSet, Example, build_label_index, encode_examples
 from rnnkit.data.tokenizers import Tokenizer, build_tokenizer
 from rnnkit.errors import RnnkitError
+from rnnkit.inference import predict_proba
 from rnnkit.models.classifier import Classifier
 from rnnkit.training.loop import Reporter, build_optimizer, prepare_run
 from rnnkit.training.session import Resume, Session, StopFlag, optimizer_step
@@ -90,25 +90,6 @@ class ClassifyEval:
             per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
         return {"accuracy": self.accuracy, "loss": self.loss, "examples": self.count, "per_class": per_class,
                 "confusion_matrix": {"labels": self.labels, "rows_true_columns_predicted": self.confusion}}
-
-
-@torch.inference_mode()
-def predict_proba(model: Classifier, batches) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, C) and true labels (N,) over ``(ids, lengths, labels)`` batches."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    probs, labels = [], []
-    try:
-        for ids, _, y in batches:
-            logits, _ = model(ids.to(device))
-            probs.append(torch.softmax(logits.float(), -1).cpu())
-            labels.append(y)
-    finally:
-        model.train(was_training)
-    if not probs:
-        return np.zeros((0, model.num_classes)), np.zeros(0, dtype=np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
 def evaluate_classifier(model: Classifier, data: EncodedSet, labels: list[str], *, batch_size: int = 256) -> ClassifyEval:

@@ -1,0 +1,549 @@
+"""The HTTP server: every endpoint through FastAPI's TestClient, and the real server driven by a headless browser.
+
+Checkpoints are built and saved without training (random weights are enough
+to check what the server does with them); the answers are compared with the
+library's own generate/classify on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the server tests need the serve extra: pip install 'rnnkit[serve]'")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+import rnnkit  # noqa: E402
+from rnnkit.checkpoint import load_checkpoint, write_checkpoint  # noqa: E402
+from rnnkit.cli import main  # noqa: E402
+from rnnkit.config import RunConfig, ServeLimits  # noqa: E402
+from rnnkit.data.tokenizers import CharTokenizer, WordTokenizer  # noqa: E402
+from rnnkit.generation import generate_ids  # noqa: E402
+from rnnkit.inference import classify_texts  # noqa: E402
+from rnnkit.models.classifier import Classifier  # noqa: E402
+from rnnkit.models.language_model import LanguageModel  # noqa: E402
+from rnnkit.server import create_app  # noqa: E402
+
+TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n"
+LIMITS = ServeLimits(max_length=60, max_samples=3, max_texts=4, max_request_bytes=4000, max_sessions=3,
+                     session_idle=60)
+
+
+def _save(path: Path, model, tokenizer, config: RunConfig, *, extra=None, state=None) -> Path:
+    return write_checkpoint(path, model=model, tokenizer=tokenizer, task=config.task, run_config=config,
+                            state=state or {"step": 7, "best_val_loss": 1.5, "default_prime": "ROMEO"},
+                            extra=extra)
+
+
+def _lm(path: Path, *, window: int = 0) -> Path:
+    torch.manual_seed(0)
+    config = RunConfig()
+    config.model.hidden, config.model.layers = 32, 2
+    if window:
+        config.data.target, config.data.seq_len = "last", window
+    tok = CharTokenizer.fit(TEXT)
+    return _save(path, LanguageModel(config=config.model, vocab_size=tok.vocab_size), tok, config)
+
+
+def _classifier(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = RunConfig(task="classify")
+    config.data.level = "word"
+    config.model.hidden, config.model.layers = 16, 1
+    tok = WordTokenizer.fit("a good film . a bad film . great acting , dull plot")
+    labels = ["neg", "pos"]
+    model = Classifier(config=config.model, vocab_size=tok.vocab_size, num_classes=len(labels))
+    return _save(path, model, tok, config, extra={"labels": labels}, state={"step": 3, "best_val_accuracy": 0.75})
+
+
+class Clock:
+    """A clock the tests move by hand, for idle-session eviction."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    return {"lm": _lm(root / "lm"), "window": _lm(root / "window", window=4), "cls": _classifier(root / "cls")}
+
+
+@pytest.fixture(scope="module")
+def lm(paths):
+    return load_checkpoint(paths["lm"])
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def client(lm, clock):
+    return TestClient(create_app(lm, limits=LIMITS, clock=clock))
+
+
+@pytest.fixture(scope="module")
+def cls_client(paths):
+    return TestClient(create_app(load_checkpoint(paths["cls"]), limits=LIMITS))
+
+
+def post(client, url, body, status=200):
+    response = client.post(url, json=body)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def events(body: str) -> list[tuple[str, dict]]:
+    """Parse server-sent events: (event name, JSON data) pairs."""
+    out = []
+    for block in body.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+# ---------------------------------------------------------------- information
+
+
+def test_health_model_and_openapi(client):
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/model").json()
+    assert info["task"] == "language_model" and info["level"] == "char"
+    assert info["vocab_size"] == len(set(TEXT)) and info["parameters"] > 10_000
+    assert info["training"] == {"step": 7, "best_val_loss": 1.5} and info["default_prime"] == "ROMEO"
+    assert info["model"]["hidden"] == 32 and info["window"] == 0
+    schema = client.get("/openapi.json").json()
+    assert {"/generate", "/generate/stream", "/classify", "/sessions", "/sessions/{sid}/feed",
+            "/sessions/{sid}/generate"} <= set(schema["paths"])
+    # The server's limits are part of the schema.
+    length = schema["components"]["schemas"]["GenerateRequest"]["properties"]["length"]
+    assert length["maximum"] == LIMITS.max_length
+
+
+def test_the_page_is_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="generate"' in page.text and "generate/stream" in page.text and "classify" in page.text
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_generate_matches_the_library_and_repeats_for_a_seed(client, lm):
+    body = {"prime": "JULIET", "length": 30, "temperature": 1.0, "seed": 5, "num_samples": 3}
+    answer = post(client, "/generate", body)
+    assert answer["seed"] == 5 and answer["prime"] == "JULIET" and len(answer["texts"]) == 3
+    expected = generate_ids(lm.model, lm.tokenizer.encode("JULIET").tolist(), length=30, temperature=1.0,
+                            num_samples=3, generator=torch.Generator().manual_seed(5))
+    assert answer["texts"] == [lm.tokenizer.decode(ids) for ids in expected]
+    assert post(client, "/generate", body) == answer
+    assert post(client, "/generate", {**body, "seed": 6})["texts"] != answer["texts"]
+
+
+def test_without_a_seed_the_answer_names_the_one_used(client):
+    answer = post(client, "/generate", {"prime": "ROM", "length": 12})
+    again = post(client, "/generate", {"prime": "ROM", "length": 12, "seed": answer["seed"]})
+    assert again["texts"] == answer["texts"]
+
+
+def test_empty_prime_means_the_model_default(client):
+    default = post(client, "/generate", {"length": 10, "temperature": 0})
+    explicit = post(client, "/generate", {"prime": "ROMEO", "length": 10, "temperature": 0})
+    assert default["prime"] == "ROMEO" and default["texts"] == explicit["texts"]
+
+
+def test_length_zero_gives_empty_texts(client):
+    assert post(client, "/generate", {"length": 0, "num_samples": 2})["texts"] == ["", ""]
+
+
+def test_stream_sends_the_same_text_piece_by_piece(client):
+    body = {"prime": "ROMEO:", "length": 25, "temperature": 0.7, "seed": 11}
+    response = client.post("/generate/stream", json=body)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    stream = events(response.text)
+    assert stream[0] == ("start", {"prime": "ROMEO:", "seed": 11, "unknown": []})
+    pieces = [data["text"] for name, data in stream if name == "token"]
+    assert len(pieces) == 25  # char level: one event per token
+    assert stream[-1] == ("done", {"tokens": 25, "text": "".join(pieces)})
+    assert "".join(pieces) == post(client, "/generate", body)["texts"][0]
+
+
+def test_unknown_characters_in_the_prime(client):
+    response = client.post("/generate", json={"prime": "ROMEO€", "length": 5})
+    assert response.status_code == 422 and "'€'" in response.json()["error"]
+    assert '"unknown": "skip"' in response.json()["error"]  # the hint names the request field
+    answer = post(client, "/generate", {"prime": "ROMEO€", "length": 5, "unknown": "skip"})
+    assert answer["unknown"] == ["€"] and len(answer["texts"][0]) == 5
+    response = client.post("/generate/stream", json={"prime": "€€", "length": 5, "unknown": "skip"})
+    assert response.status_code == 422 and "empty after tokenization" in response.json()["error"]
+
+
+# ---------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"length": 61}, "length"),
+    ({"length": -1}, "length"),
+    ({"num_samples": 4}, "num_samples"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"seed": -1}, "seed"),
+    ({"length": "10"}, "length"),
+    ({"length": 2.5}, "length"),
+    ({"prime": 5}, "prime"),
+    ({"unknown": "ignore"}, "unknown"),
+    ({"lenght": 10}, "lenght"),
+])
+def test_out_of_range_or_mistyped_values_are_422_with_a_message(client, body, field):
+    response = client.post("/generate", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"].startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ('{"length": 5', "malformed JSON"),
+    ('{"temperature": NaN}', "temperature: "),
+    ("[1, 2]", "must be a JSON object"),
+    ("", "Field required"),
+])
+def test_malformed_bodies_are_422(client, raw, message):
+    for url in ("/generate", "/generate/stream", "/sessions"):
+        response = client.post(url, content=raw, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422 and message in response.json()["error"], (url, response.text)
+
+
+def test_oversized_bodies_are_413_declared_or_streamed(client):
+    big = json.dumps({"prime": "R" * 5000}).encode()
+    response = client.post("/generate", content=big, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "4,000 bytes" in response.json()["error"]
+    chunks = iter([big[:3000], big[3000:]])  # no Content-Length: counted while it arrives
+    response = client.post("/generate", content=chunks, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_endpoints_of_the_other_task_are_400(client, cls_client):
+    for url, body in (("/generate", {}), ("/generate/stream", {}), ("/sessions", {})):
+        response = cls_client.post(url, json=body)
+        assert response.status_code == 400 and "needs a language model" in response.json()["error"]
+    response = client.post("/classify", json={"texts": ["x"]})
+    assert response.status_code == 400 and "needs a classifier" in response.json()["error"]
+
+
+# ---------------------------------------------------------------- classification
+
+
+def test_classify_gives_labels_and_probabilities(cls_client, paths):
+    texts = ["a good film", "dull plot , bad acting", "never seen words"]
+    answer = post(cls_client, "/classify", {"texts": texts})
+    assert answer["labels"] == ["neg", "pos"] and len(answer["results"]) == 3
+    ckpt = load_checkpoint(paths["cls"])
+    probs, _ = classify_texts(ckpt.model, ckpt.tokenizer, ["neg", "pos"], texts, max_len=80)
+    for result, p in zip(answer["results"], probs, strict=True):
+        assert result["probabilities"] == pytest.approx({"neg": p[0], "pos": p[1]})
+        assert result["label"] == ["neg", "pos"][int(p.argmax())] and result["probability"] == pytest.approx(p.max())
+    info = cls_client.get("/model").json()
+    assert info["labels"] == ["neg", "pos"] and info["level"] == "word" and "default_prime" not in info
+
+
+def test_classify_limits_and_empty_texts(cls_client):
+    assert cls_client.post("/classify", json={"texts": []}).status_code == 422
+    assert cls_client.post("/classify", json={"texts": ["a"] * 5}).status_code == 422
+    response = cls_client.post("/classify", json={"texts": ["a good film", "   "]})
+    assert response.status_code == 422 and "position(s) 1" in response.json()["error"]
+    assert cls_client.post("/classify", json={"texts": [" "]}).status_code == 422
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_a_session_continues_like_one_prime_of_its_whole_history(client):
+    sid = post(client, "/sessions", {"text": "JULIET: Ay"}, status=201)["id"]
+    assert post(client, f"/sessions/{sid}/feed", {"text": " me."}) == {"id": sid, "tokens": 14, "fed": 4,
+                                                                      "unknown": []}
+    first = post(client, f"/sessions/{sid}/generate", {"length": 12, "temperature": 1.0, "seed": 2})
+    assert first["tokens"] == 26
+    assert first["text"] == post(client, "/generate", {"prime": "JULIET: Ay me.", "length": 12,
+                                                         "temperature": 1.0, "seed": 2})["texts"][0]
+    # The generated text is now part of the session: the next continuation starts after it.
+    second = post(client, f"/sessions/{sid}/generate", {"length": 8, "temperature": 0})
+    history = "JULIET: Ay me." + first["text"]
+    assert second["text"] == post(client, "/generate", {"prime": history, "length": 8,
+                                                          "temperature": 0})["texts"][0]
+    assert client.get(f"/sessions/{sid}").json()["tokens"] == 34
+
+
+def test_continuing_a_session_reads_only_the_new_tokens(client, lm, monkeypatch):
+    """The history is never re-read: each continuation costs one step per new token."""
+    sid = post(client, "/sessions", {"text": TEXT * 20}, status=201)["id"]
+    read = []
+    forward = lm.model.forward
+    monkeypatch.setattr(lm.model, "forward", lambda ids, state=None: (read.append(ids.numel()), forward(ids, state))[1])
+    post(client, f"/sessions/{sid}/generate", {"length": 10})
+    assert read == [1] * 10
+    read.clear()
+    post(client, f"/sessions/{sid}/feed", {"text": "ROMEO"})
+    assert sum(read) == 5
+
+
+def test_windowed_models_keep_only_their_window(paths):
+    ckpt = load_checkpoint(paths["window"])
+    client = TestClient(create_app(ckpt, limits=LIMITS))
+    assert client.get("/model").json()["window"] == 4
+    sid = post(client, "/sessions", {"text": TEXT}, status=201)["id"]
+    text = post(client, f"/sessions/{sid}/generate", {"length": 6, "temperature": 0})["text"]
+    assert text == post(client, "/generate", {"prime": TEXT[-4:], "length": 6, "temperature": 0})["texts"][0]
+
+
+def test_an_empty_session_starts_from_the_default_prime(client):
+    sid = post(client, "/sessions", {}, status=201)["id"]
+    text = post(client, f"/sessions/{sid}/generate", {"length": 6, "temperature": 0})["text"]
+    assert text == post(client, "/generate", {"length": 6, "temperature": 0})["texts"][0]
+
+
+def test_session_errors(client):
+    assert client.post("/sessions/nope/feed", json={"text": "a"}).status_code == 404
+    assert client.post("/sessions/nope/generate", json={}).status_code == 404
+    sid = post(client, "/sessions", {}, status=201)["id"]
+    response = client.post(f"/sessions/{sid}/feed", json={"text": "€"})
+    assert response.status_code == 422 and response.json()["error"].startswith("text: ")
+    assert client.post(f"/sessions/{sid}/generate", json={"length": 61}).status_code == 422
+    assert client.delete(f"/sessions/{sid}").status_code == 204
+    assert client.get(f"/sessions/{sid}").status_code == 404
+
+
+def test_sessions_are_bounded_and_evicted_least_recently_used(client, clock):
+    ids = [post(client, "/sessions", {"text": "ROMEO"}, status=201)["id"] for _ in range(3)]
+    client.get(f"/sessions/{ids[0]}")  # used again: now the second is the least recent
+    newest = post(client, "/sessions", {}, status=201)["id"]
+    assert client.get(f"/sessions/{ids[1]}").status_code == 404
+    assert all(client.get(f"/sessions/{sid}").status_code == 200 for sid in (ids[0], ids[2], newest))
+    clock.now += 30
+    client.get(f"/sessions/{newest}")
+    clock.now += 31  # the others have now been idle for 61 s, over the 60 s allowed
+    assert client.get(f"/sessions/{ids[0]}").status_code == 404
+    assert client.get(f"/sessions/{newest}").status_code == 200
+    assert client.get("/health").json()["sessions"] == 1
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_concurrent_requests_give_what_they_give_alone(lm):
+    """Many requests at once on a 3-thread pool: each one's text depends on its own seed only."""
+    import httpx
+
+    app = create_app(lm, limits=LIMITS, workers=3)
+    bodies = [{"prime": "ROMEO", "length": 40, "temperature": 1.0, "seed": s} for s in range(12)]
+
+    async def all_at_once():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            answers = await asyncio.gather(*(http.post("/generate", json=b) for b in bodies),
+                                           *(http.post("/generate/stream", json=b) for b in bodies))
+        return [r.json()["texts"][0] for r in answers[:12]], [events(r.text)[-1][1]["text"] for r in answers[12:]]
+
+    texts, streamed = asyncio.run(all_at_once())
+    alone = [lm.tokenizer.decode(generate_ids(lm.model, lm.tokenizer.encode("ROMEO").tolist(), length=40,
+                                              temperature=1.0, generator=torch.Generator().manual_seed(s))[0])
+             for s in range(12)]
+    assert texts == alone and streamed == alone
+
+
+def _rnnkit_imports(module: str) -> set[str]:
+    """The rnnkit modules a module imports when it is loaded (module level, not inside functions)."""
+    import ast
+
+    src = Path(rnnkit.__file__).parent
+    path = src.joinpath(*module.split(".")[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found = set()
+    body = [node for node in ast.parse(path.read_text(encoding="utf-8")).body
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    for node in (n for top in body for n in ast.walk(top)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            # A module and the packages above it all run on import.
+            found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1) if parts[0] == "rnnkit"}
+    return {m for m in found if src.joinpath(*m.split(".")[1:]).with_suffix(".py").is_file()
+            or src.joinpath(*m.split(".")[1:], "__init__.py").is_file()}
+
+
+def test_serving_never_loads_the_training_code():
+    """DESIGN: serving goes through checkpoint.py, never through training/ (checked on the import graph)."""
+    loaded, todo = set(), ["rnnkit.server"]
+    while todo:
+        module = todo.pop()
+        if module not in loaded:
+            loaded.add(module)
+            todo += _rnnkit_imports(module)
+    assert {"rnnkit", "rnnkit.checkpoint", "rnnkit.generation", "rnnkit.inference"} <= loaded
+    assert not {m for m in loaded if m.startswith("rnnkit.training")}
+
+
+def test_a_stream_whose_client_leaves_frees_its_worker():
+    """The worker producing a stream stops once nobody reads it (else one lost client holds a worker forever)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import count
+
+    from rnnkit.server import _iterate_on
+
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    async def read_two_then_leave() -> tuple[list[str], str]:
+        stream = _iterate_on(pool, (str(i) for i in count()))  # never ends by itself
+        got = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        # With the loop still running, the only worker must come free (the timeout only bounds a failure).
+        free = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, lambda: "free"), 60)
+        return got, free
+
+    assert asyncio.run(read_two_then_leave()) == (["0", "1"], "free")
+    pool.shutdown()
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_serve_without_the_extra_says_how_to_install_it(paths, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # makes `import fastapi` fail
+    monkeypatch.delitem(sys.modules, "rnnkit.server", raising=False)
+    monkeypatch.delattr(rnnkit, "server", raising=False)  # else `from rnnkit import server` finds it there
+    assert main(["serve", "--checkpoint", str(paths["lm"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'rnnkit[serve]'" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-length", "0"], "--max-length must be positive"),
+    (["--port", "70000"], "--port must be in"),
+    (["--workers", "0"], "--workers must be at least 1"),
+])
+def test_serve_rejects_bad_flags(paths, capsys, argv, message):
+    assert main(["serve", "--checkpoint", str(paths["lm"]), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_reports_a_busy_port(paths, capsys):
+    from rnnkit.server import listen
+
+    busy = listen("127.0.0.1", 0)
+    try:
+        assert main(["serve", "--checkpoint", str(paths["lm"]), "--port", str(busy.getsockname()[1])]) == 2
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    finally:
+        busy.close()
+
+
+def test_connections_to_the_listening_socket_send_small_writes_at_once():
+    """asyncio switches Nagle's algorithm off only when the socket says it is TCP; else ~40 ms per response."""
+    import socket
+
+    from rnnkit.server import listen
+
+    async def nodelay_seen_by_the_server() -> list[int]:
+        seen = []
+
+        async def handle(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = listen("127.0.0.1", 0)
+        server = await asyncio.start_server(handle, sock=sock)  # what uvicorn does with the socket
+        reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        await reader.read()  # until the server hangs up
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    assert asyncio.run(nodelay_seen_by_the_server()) == [1]
+
+
+# ---------------------------------------------------------------- end to end: real server, real browser
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium page (one for the module), or a skip that says how to get one."""
+    from browser import Browser, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no headless browser: install Chromium (Debian: apt-get install chromium) to run this test")
+    with Browser(executable, tmp_path_factory.mktemp("chromium-profile")) as b:
+        yield b
+
+
+@pytest.fixture
+def live_server(paths):
+    """`rnnkit serve` in a subprocess on a free port of 127.0.0.1; yields (base URL, checkpoint kind) makers."""
+    procs = []
+
+    def start(kind: str) -> str:
+        proc = subprocess.Popen([sys.executable, "-m", "rnnkit", "serve", "--checkpoint", str(paths[kind]),
+                                 "--port", "0", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stderr.readline()  # "rnnkit: serving ... on http://127.0.0.1:PORT/ ..."
+        match = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert match, f"the server did not start: {line}{proc.stderr.read() if proc.poll() is not None else ''}"
+        return match.group(0)
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+
+def _post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_the_page_streams_a_generation_in_a_real_browser(live_server, browser):
+    base = live_server("lm")
+    browser.open(base + "?prime=JULIET&length=40&temperature=0.9&seed=4&run=1")
+    browser.wait_for("document.querySelector('#output[data-done]')")
+    expected = _post_json(base + "generate", {"prime": "JULIET", "length": 40, "temperature": 0.9, "seed": 4})
+    assert browser.evaluate("document.getElementById('output').textContent") == "JULIET" + expected["texts"][0]
+    assert "40 tokens" in browser.evaluate("document.getElementById('lm-status').textContent")
+    assert browser.evaluate("document.getElementById('classifier').hidden") is True
+
+
+@pytest.mark.slow
+def test_the_page_draws_probability_bars_for_a_classifier(live_server, browser):
+    base = live_server("cls")
+    browser.open(base + "?text=a+good+film&text=dull+plot&run=1")
+    browser.wait_for("document.querySelector('#results[data-done]')")
+    expected = _post_json(base + "classify", {"texts": ["a good film", "dull plot"]})
+    shown = browser.evaluate("""[...document.querySelectorAll('.result')].map(r => ({
+        label: r.querySelector('.verdict').textContent.trim(),
+        bars: [...r.querySelectorAll('.bar-row')].map(b => [b.firstChild.textContent, b.querySelector('.p').textContent,
+                                                             parseFloat(b.querySelector('.bar div').style.width)])
+    }))""")
+    assert [r["label"] for r in shown] == [r["label"] for r in expected["results"]]
+    for row, result in zip(shown, expected["results"], strict=True):
+        assert row["bars"] == [[label, f"{100 * p:.1f}%", pytest.approx(100 * p, abs=0.06)]
+                               for label, p in result["probabilities"].items()]
