@@ -5,15 +5,7 @@ The public surface, for use as a library::
     from rnnkit import RunConfig, prepare_lm_data, train_language_model, load_checkpoint, generate
 """
 
-import os as _os
-
 __version__ = "0.1.0"
-
-# Intel MKL picks matrix-multiply kernels by the memory alignment of their inputs,
-# so the same training step can round differently in a resumed process than in the
-# uninterrupted one. Alignment-independent results make resume exact (bitwise).
-# Set before torch runs any MKL routine; a user's own MKL_CBWR setting wins.
-_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from rnnkit.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from rnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config  # noqa: E402

@@ -118,6 +118,10 @@ def _resume_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from rnnkit.runtime import exact_cpu_math
+
+    exact_cpu_math()  # before any matrix product, so that --resume continues bitwise exactly
+
     from rnnkit.console import ConsoleReporter, stderr
     from rnnkit.data.lm_data import prepare_lm_data
     from rnnkit.training.loop import train_language_model

@@ -35,6 +35,9 @@ class LanguageModel(nn.Module):
             init=config.init,
         )
         self.dropout = nn.Dropout(config.dropout)
+        self._table: tuple | None = None  # (weight versions, (V, G*H) projected inputs) for one-token steps
+        # The table replaces W_ih (G*H, E) in memory traffic; worth it when it is no bigger (V <= E).
+        self._use_table = self.recurrent.steps_from_projection and vocab_size <= input_size
         self.head = nn.Linear(config.hidden, vocab_size)
         if config.init == "normal":  # d2l: output weights from N(0, 0.01^2) too, bias zero
             nn.init.normal_(self.head.weight, 0.0, 0.01)
@@ -48,7 +51,26 @@ class LanguageModel(nn.Module):
             return self.embedding(ids)  # (B, T, E)
         return F.one_hot(ids, self.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
 
+    def _input_table(self) -> torch.Tensor:
+        """(V, G*H): layer 0's ``W_ih x + b_ih + b_hh`` for every token, cached while the weights stay."""
+        w_ih, _, b_ih, b_hh = self.recurrent.layer_weights(0)
+        sources = (w_ih, b_ih, b_hh) + ((self.embedding.weight,) if self.embedding is not None else ())
+        key = tuple((w.data_ptr(), w._version) for w in sources)
+        cached = self._table
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                inputs = self.embedding.weight if self.embedding is not None else None  # (V, E), or one-hot
+                table = (w_ih.t() if inputs is None else inputs @ w_ih.t()) + (b_ih + b_hh)  # (V, G*H)
+            cached = (key, table.contiguous())
+            self._table = cached  # published whole: safe for threads sharing the model
+        return cached[1]
+
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        if (ids.shape[1] == 1 and state is not None and not self.training and not torch.is_grad_enabled()
+                and self._use_table):
+            # Generation: one token per row, so layer 0's input product is a table lookup.
+            out, state = self.recurrent.step_projected(self._input_table()[ids[:, 0]], state)  # (B, H)
+            return self.head(out), state
         x = self.dropout(self.embed(ids))
         out, state = self.recurrent(x, state)  # (B, T, H)
         return self.head(self.dropout(out)), state

@@ -226,7 +226,21 @@ class Recurrent(nn.Module):
             self._step_cache[k] = cached
         return cached[1], cached[2]
 
-    def _step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    @property
+    def steps_from_projection(self) -> bool:
+        """Whether :meth:`step_projected` works for this cell (not for the GRU, whose r gates W_hn h only)."""
+        return self.cell != "gru"
+
+    def step_projected(self, projected: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One eval-mode step from layer 0's input already projected: ``W_ih x + b_ih + b_hh`` (B, G*H).
+
+        A language model looks that projection up in a per-token table instead
+        of multiplying by W_ih every step: one matrix fewer to read per token.
+        """
+        return self._step(None, state, projected=projected)
+
+    def _step(self, x: torch.Tensor | None, state: State, *,
+              projected: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """One time step through every layer with plain matrix products (no autograd)."""
         finals: list[State] = []
         for k in range(self.layers):
@@ -234,7 +248,11 @@ class Recurrent(nn.Module):
                 layer_state = step(self.cell, x, tuple(s[k] for s in state), self.layer_weights(k))
             else:
                 w_t, bias = self._step_weights(k)
-                pre = torch.addmm(bias, torch.cat([x, state[0][k]], dim=1), w_t)  # (B, G*H): W_ih x + W_hh h + b
+                if k == 0 and projected is not None:
+                    # Rows I: of [W_ih | W_hh]^T are W_hh^T (a contiguous slice).
+                    pre = torch.addmm(projected, state[0][0], w_t[w_t.shape[0] - self.hidden:])
+                else:
+                    pre = torch.addmm(bias, torch.cat([x, state[0][k]], dim=1), w_t)  # (B, G*H): W_ih x + W_hh h + b
                 if self.cell == "lstm":
                     i, f, g, o = pre.chunk(4, dim=-1)  # the gates of cells.lstm_cell, same order
                     c = torch.sigmoid(f) * state[1][k] + torch.sigmoid(i) * torch.tanh(g)
