@@ -158,3 +158,30 @@ def test_single_step_sees_weights_changed_after_an_earlier_step():
     with torch.no_grad():
         full, _ = model(torch.cat([ids, ids], dim=1))  # the fused kernel, T > 1
     assert torch.allclose(stepped[:, 0], full[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
+@pytest.mark.parametrize("inp", ["embedding", "onehot"])
+def test_one_token_step_from_the_input_table_matches_the_full_forward(cell, inp):
+    torch.manual_seed(0)
+    model = LanguageModel(config=ModelConfig(cell=cell, input=inp, hidden=16, layers=2), vocab_size=12).eval()
+    ids = torch.randint(0, 12, (3, 9))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        _, state = model(ids[:, :-1])
+        step, step_state = model(ids[:, -1:], state)  # the one-token path
+    assert model._use_table == (cell != "gru")
+    torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(step_state, full_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Training in between changes the weights: the table follows.
+    with torch.no_grad():
+        model.recurrent.layer_weights(0)[0].add_(0.1)
+        full, _ = model(ids)
+        step, _ = model(ids[:, -1:], model(ids[:, :-1])[1])
+    torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_no_input_table_when_it_would_outweigh_the_input_weights():
+    model = LanguageModel(config=ModelConfig(hidden=16, embedding_dim=8, layers=1), vocab_size=500)
+    assert not model._use_table
