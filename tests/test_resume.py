@@ -268,3 +268,26 @@ def test_kill_9_leaves_the_previous_checkpoint_loadable(tmp_path):
     step = ckpt.meta["state"]["step"]
     assert step >= 8 and step % 2 == 0
     assert main(["train", "--resume", str(run), "--max-steps", str(step + 1), "--quiet"]) == 0
+
+
+def test_periodic_checkpoints_by_wall_clock(tmp_path, monkeypatch):
+    from rnnkit.training import session as session_module
+
+    config = lm_config(tmp_path, "sequential")
+    config.train.max_steps, config.train.eval_every, config.train.save_every_seconds = 6, 100, 30
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock["now"])
+
+    class Tick(Reporter):  # every step takes 20 "seconds"
+        saved: list = []
+
+        def on_step(self, info):
+            clock["now"] += 20
+
+        def on_save(self, path, names):
+            self.saved.append(int(path.name.split("-")[1]))
+
+    reporter = Tick()
+    train_lm(config, tmp_path / "run", reporter=reporter)
+    # 30 s without a checkpoint is reached after steps 2, 4 (40 s each), then the end saves step 6.
+    assert reporter.saved == [2, 4, 6]
