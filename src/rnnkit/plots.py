@@ -164,7 +164,8 @@ class EchoFigure:
 
     Each row panel shows three tracks over the current window: the input, the
     target (the input ``echo_step`` steps earlier) and the prediction, as bars
-    whose height is the symbol (scaled to [0, 1]); wrong predictions are red.
+    whose height is the symbol (scaled to [0, 1]); wrong predictions are red
+    (a wrong 0 as a short red bar).
     The axes and bars are built once and only their data change on
     :meth:`update`, which keeps a live plot cheap to redraw.
     """
@@ -198,8 +199,8 @@ class EchoFigure:
             ax.tick_params(axis="x", labelsize=8)
             self.row_axes.append(ax)
             self.bars.append(tracks)
-        self.row_axes[-1].set_xlabel("time step within the row (blue: input, orange: target, "
-                                     "green/red: predicted right/wrong)")
+        self.row_axes[-1].set_xlabel("time step within the row (bar height: the symbol; blue: input, "
+                                     "orange: target, green/red: predicted right/wrong)")
 
     def update(self, *, losses: tuple[Sequence[float], Sequence[float]], x: np.ndarray, y: np.ndarray,
                predicted: np.ndarray, offset: int = 0, title: str = "") -> None:
@@ -214,9 +215,13 @@ class EchoFigure:
         for r in range(self.rows):
             for name, values_ in (("input", x[r]), ("target", y[r]), ("predicted", predicted[r])):
                 for t, rect in enumerate(self.bars[r][name]):
-                    rect.set_height(values_[t] / self.scale)
+                    height = values_[t] / self.scale
                     if name == "predicted":
-                        rect.set_facecolor("tab:green" if predicted[r, t] == y[r, t] else "tab:red")
+                        right = predicted[r, t] == y[r, t]
+                        rect.set_facecolor("tab:green" if right else "tab:red")
+                        if not right:  # a wrong 0 would be a bar of no height: keep every mistake visible
+                            height = max(height, 0.25)
+                    rect.set_height(height)
             wrong = int((predicted[r] != y[r]).sum())
             self.row_axes[r].set_title(f"row {r}: {wrong} wrong of {self.width}", fontsize=9, loc="left")
 
