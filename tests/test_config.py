@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rnnkit.config import RunConfig, all_keys, load_config, parse_override, set_value
@@ -59,3 +61,10 @@ def test_tie_weights_needs_matching_sizes():
         RunConfig.from_dict({"model": {"tie_weights": True, "input": "onehot"}})
     with pytest.raises(RnnkitError, match="embedding-dim"):
         RunConfig.from_dict({"model": {"tie_weights": True, "hidden": 32, "embedding_dim": 16}})
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(recipe):
+    config = load_config(recipe)
+    assert config.task in ("language_model", "classify", "echo")
