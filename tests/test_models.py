@@ -185,3 +185,14 @@ def test_one_token_step_from_the_input_table_matches_the_full_forward(cell, inp)
 def test_no_input_table_when_it_would_outweigh_the_input_weights():
     model = LanguageModel(config=ModelConfig(hidden=16, embedding_dim=8, layers=1), vocab_size=500)
     assert not model._use_table
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sampling_follows_the_softmax_distribution(temperature):
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    rows = 40_000
+    draws = sample_next(logits.expand(rows, -1), temperature=temperature, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=5).double() / rows
+    expected = torch.softmax(logits / temperature, dim=-1).double()
+    assert counts[4] == 0  # a token of probability 0 is never drawn
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)

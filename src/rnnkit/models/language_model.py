@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,29 @@ class LanguageModel(nn.Module):
             return self.embedding(ids)  # (B, T, E)
         return F.one_hot(ids, self.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
 
+    def step_fn(self) -> Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]:
+        """``run(ids, state) -> (logits, state)`` for one token per row, ids (B,), logits (B, V), eval only.
+
+        The weights (and the input table) are bound once, so a generation loop pays
+        the cache checks once per text instead of once per token; bind again after
+        the weights change.
+        """
+        head_b, head_w_t = self.head.bias, self.head.weight.t()  # (V,), (H, V) a transposed view
+        if self._use_table:
+            run, table = self.recurrent.step_fn(projected=True), self._input_table()
+
+            def step(ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+                out, state = run(F.embedding(ids, table), state)  # (B, H)
+                return torch.addmm(head_b, out, head_w_t), state
+        else:
+            run = self.recurrent.step_fn()
+
+            def step(ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+                out, state = run(self.embed(ids), state)  # (B, H)
+                return torch.addmm(head_b, out, head_w_t), state
+
+        return step
+
     def _input_table(self) -> torch.Tensor:
         """(V, G*H): layer 0's ``W_ih x + b_ih + b_hh`` for every token, cached while the weights stay."""
         w_ih, _, b_ih, b_hh = self.recurrent.layer_weights(0)
@@ -69,8 +94,8 @@ class LanguageModel(nn.Module):
         if (ids.shape[1] == 1 and state is not None and not self.training and not torch.is_grad_enabled()
                 and self._use_table):
             # Generation: one token per row, so layer 0's input product is a table lookup.
-            out, state = self.recurrent.step_projected(self._input_table()[ids[:, 0]], state)  # (B, H)
-            return self.head(out), state
+            logits, state = self.step_fn()(ids[:, 0], state)
+            return logits.unsqueeze(1), state
         x = self.dropout(self.embed(ids))
         out, state = self.recurrent(x, state)  # (B, T, H)
         return self.head(self.dropout(out)), state

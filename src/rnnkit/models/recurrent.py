@@ -21,6 +21,8 @@ CPU is several times faster than calling the fused module at length 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -228,41 +230,61 @@ class Recurrent(nn.Module):
 
     @property
     def steps_from_projection(self) -> bool:
-        """Whether :meth:`step_projected` works for this cell (not for the GRU, whose r gates W_hn h only)."""
+        """Whether :meth:`step_fn` can start from a projected input (not for the GRU, whose r gates W_hn h only)."""
         return self.cell != "gru"
 
-    def step_projected(self, projected: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One eval-mode step from layer 0's input already projected: ``W_ih x + b_ih + b_hh`` (B, G*H).
+    def step_fn(self, *, projected: bool = False) -> Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]:
+        """One eval-mode time step through every layer, with this moment's weights bound.
 
-        A language model looks that projection up in a per-token table instead
-        of multiplying by W_ih every step: one matrix fewer to read per token.
+        Returns ``run(x, state) -> (h, state)`` with x (B, I) and h (B, H) the top
+        layer's output. With ``projected``, x is layer 0's input already
+        multiplied out, ``W_ih x + b_ih + b_hh`` (B, G*H): a language model looks it
+        up in a per-token table instead of reading W_ih every step. A generation
+        loop binds once and calls ``run`` per token, skipping the per-call checks
+        of the weight cache; bind again after the weights change.
         """
-        return self._step(None, state, projected=projected)
+        if self.cell == "gru":  # r gates only W_hn h + b_hn: the two products stay apart
+            weights = [self.layer_weights(k) for k in range(self.layers)]
 
-    def _step(self, x: torch.Tensor | None, state: State, *,
-              projected: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+            def run_gru(x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+                hs = []
+                for k in range(self.layers):
+                    (x,) = step("gru", x, (state[0][k],), weights[k])
+                    hs.append(x)
+                return x, (torch.stack(hs),)
+
+            return run_gru
+        hidden, lstm, relu = self.hidden, self.cell == "lstm", self.nonlinearity == "relu"
+        bound = [self._step_weights(k) for k in range(self.layers)]  # [(W^T (I+H, G*H), b)]
+        w_hh0_t = bound[0][0][bound[0][0].shape[0] - hidden:]  # rows I: of [W_ih | W_hh]^T: W_hh^T, contiguous
+
+        def run(x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+            hs, cs = [], []
+            for k, (w_t, bias) in enumerate(bound):
+                if k == 0 and projected:
+                    pre = torch.addmm(x, state[0][0], w_hh0_t)  # (B, G*H)
+                else:
+                    pre = torch.addmm(bias, torch.cat([x, state[0][k]], dim=1), w_t)  # W_ih x + W_hh h + b
+                if lstm:
+                    # The gates of cells.lstm_cell, same order; one sigmoid over all four blocks
+                    # (fewer kernel launches per token), of which g's is not used.
+                    gates = torch.sigmoid(pre)
+                    i, f, _, o = gates.chunk(4, dim=-1)
+                    g = torch.tanh(pre[:, 2 * hidden:3 * hidden])
+                    c = torch.addcmul(f * state[1][k], i, g)  # f * c + i * g
+                    x = o * torch.tanh(c)
+                    cs.append(c)
+                else:
+                    x = torch.relu(pre) if relu else torch.tanh(pre)
+                hs.append(x)  # no inter-layer dropout: this path only runs in eval mode
+            return x, ((torch.stack(hs), torch.stack(cs)) if lstm else (torch.stack(hs),))
+
+        return run
+
+    def _step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One time step through every layer with plain matrix products (no autograd)."""
-        finals: list[State] = []
-        for k in range(self.layers):
-            if self.cell == "gru":  # r gates only W_hn h + b_hn: the two products stay apart
-                layer_state = step(self.cell, x, tuple(s[k] for s in state), self.layer_weights(k))
-            else:
-                w_t, bias = self._step_weights(k)
-                if k == 0 and projected is not None:
-                    # Rows I: of [W_ih | W_hh]^T are W_hh^T (a contiguous slice).
-                    pre = torch.addmm(projected, state[0][0], w_t[w_t.shape[0] - self.hidden:])
-                else:
-                    pre = torch.addmm(bias, torch.cat([x, state[0][k]], dim=1), w_t)  # (B, G*H): W_ih x + W_hh h + b
-                if self.cell == "lstm":
-                    i, f, g, o = pre.chunk(4, dim=-1)  # the gates of cells.lstm_cell, same order
-                    c = torch.sigmoid(f) * state[1][k] + torch.sigmoid(i) * torch.tanh(g)
-                    layer_state = (torch.sigmoid(o) * torch.tanh(c), c)
-                else:
-                    layer_state = (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre),)
-            finals.append(layer_state)
-            x = layer_state[0]  # no inter-layer dropout: this path only runs in eval mode
-        new_state = tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
-        return x.unsqueeze(1), new_state
+        out, new_state = self.step_fn()(x, state)
+        return out.unsqueeze(1), new_state
 
 
 def detach_state(state: State | None) -> State | None:
