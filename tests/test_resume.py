@@ -210,6 +210,8 @@ def test_resume_refuses_changes_to_what_the_run_computes(tmp_path, capsys):
     # Longer, with more steps: allowed, and it continues from step 4.
     assert main(["train", "--resume", str(run), "--max-steps", "6", "--quiet"]) == 0
     assert load_checkpoint(run, prefer="last").meta["state"]["step"] == 6
+    assert main(["train", "--resume", str(run)]) == 2  # finished: nothing left to do
+    assert "already at step 6" in capsys.readouterr().err
     # A changed text cannot be resumed on.
     (run / "data").rename(tmp_path / "old-data")
     text.write_text(TEXT.upper(), encoding="utf-8")

@@ -114,6 +114,10 @@ def _resume_config(args: argparse.Namespace):
         set_value(config, key, value, source="command line")
     validate(config)
     config.out = str(args.resume)
+    step = resume.data.get("progress", {}).get("step", 0)
+    if config.train.max_steps and step >= config.train.max_steps:
+        raise RnnkitError(f"{args.resume} is already at step {step}, its --max-steps {config.train.max_steps}; "
+                          f"pass a larger --max-steps (or --epochs/--max-time) to train it further")
     return config, resume
 
 

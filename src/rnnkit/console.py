@@ -56,6 +56,7 @@ class ConsoleReporter(Reporter):
             f"{info.get('unit', 'tokens')}, "
             f"vocabulary {info['vocab_size']}{', cached ids' if info['from_cache'] else ''}) "
             f"on {info['device']}; {info['steps_per_epoch']} steps per epoch; stop after {' or '.join(limits)}"
+            + (f"; resuming at step {info['resumed_at']}" if info.get("resumed_at") is not None else "")
         )
         if self.live:
             self.progress = Progress(
