@@ -77,7 +77,7 @@ class ConsoleReporter(Reporter):
     def on_step(self, info: dict[str, Any]) -> None:
         status = (
             f"step {info['step']}  epoch {info['epoch']:.2f}  loss {info['loss']:.4f}  "
-            f"acc {info['accuracy']:.3f}  {human(info['tokens_per_s'])} {self.rate_unit}"
+            f"acc {info['accuracy']:.3f}  {human(info.get('examples_per_s', info['tokens_per_s']))} {self.rate_unit}"
         )
         if self.progress is not None:
             done = info["time"] if self._by_time else info["step"]

@@ -9,6 +9,7 @@ with the best weights.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,8 @@ def train_classifier(
 
     model.train()
     stopped_by = session.stopped_by(max_steps)
+    # Throughput since the last progress line: tokens (padding excluded) and examples per second.
+    rate_since, rate_tokens, rate_examples = time.perf_counter(), session.progress.tokens, 0
     try:
         while stopped_by is None:
             if not session.replaying and session.progress.epoch >= epochs:
@@ -195,13 +198,14 @@ def train_classifier(
                 break
             if not session.replaying:  # a new epoch (a resumed one keeps its running sums)
                 extra.update(epoch_loss_sum=0.0, epoch_correct=0, epoch_seen=0)
-            for ids, _, y in session.epochs(lambda: iter(batches), get_epoch, set_epoch):
+            for ids, lengths, y in session.epochs(lambda: iter(batches), get_epoch, set_epoch):
                 ids, y = ids.to(device), y.to(device)
                 logits, _ = model(ids)
                 loss = F.cross_entropy(logits, y)
                 applied = session.check_finite(bool(optimizer_step(model, optimizer, loss, clip=t.clip)),
                                                skip=t.on_nan == "skip")
-                session.advance(len(y))
+                session.advance(int(lengths.sum()))  # real tokens, padding not counted
+                rate_examples += len(y)
                 if applied:
                     extra["epoch_loss_sum"] += loss.item() * len(y)
                     extra["epoch_correct"] += (logits.argmax(-1) == y).sum().item()
@@ -209,10 +213,14 @@ def train_classifier(
                 step = session.step
                 if step % t.log_every == 0 or step == max_steps:
                     seen = max(extra["epoch_seen"], 1)
+                    now = time.perf_counter()
+                    span = max(now - rate_since, 1e-9)
                     record = {"step": step, "time": round(session.elapsed(), 3),
                               "loss": extra["epoch_loss_sum"] / seen, "accuracy": extra["epoch_correct"] / seen,
                               "lr": optimizer.param_groups[0]["lr"],
-                              "tokens_per_s": round(extra["epoch_seen"] / max(session.elapsed(), 1e-9), 1)}
+                              "tokens_per_s": round((session.progress.tokens - rate_tokens) / span, 1),
+                              "examples_per_s": round(rate_examples / span, 1)}
+                    rate_since, rate_tokens, rate_examples = now, session.progress.tokens, 0
                     log_metrics(record)
                     reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
                                       "epoch": step / steps_per_epoch, "example": None})
