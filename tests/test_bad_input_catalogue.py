@@ -292,3 +292,11 @@ def test_bpe_pieces_of_a_text_without_line_ends_are_bounded_and_lossless():
     assert "".join(pieces) == text
     assert max(map(len, pieces)) <= 16 * 1000
     assert all(p.endswith(" ") for p in pieces[:-5])  # cut after a space where there is one
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "classify"])
+def test_negative_threads_is_a_one_line_error(command, tmp_path, capsys):
+    extra = ["some text"] if command == "classify" else []
+    code = main([command, *extra, "--checkpoint", str(tmp_path), "--threads", "-2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--threads must be 0" in err

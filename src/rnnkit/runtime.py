@@ -23,6 +23,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads for torch's operators (0: leave torch's default)."""
+    if threads < 0:
+        raise RnnkitError(f"--threads must be 0 (torch's default) or more, got {threads}")
     if threads > 0:
         torch.set_num_threads(threads)
 
