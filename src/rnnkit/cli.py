@@ -67,7 +67,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             elif tp is float:
                 kwargs.update(type=float, metavar="X")
             else:
-                kwargs["metavar"] = "PATH" if f.name in ("text", "out") else f.name.upper()
+                kwargs["metavar"] = {"text": "PATH", "out": "PATH", "live_plot": "FILE.png"}.get(f.name, f.name.upper())
             group.add_argument(_flag(f.name, f.metadata), *f.metadata.get("aliases", ()), **kwargs)
 
 
