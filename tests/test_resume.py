@@ -97,6 +97,8 @@ def test_echo_resume_is_bitwise_identical(tmp_path):
         train_echo(config, out_dir=tmp_path / "resumed", reporter=StopAt(flag, 11), stop=flag)
     train_echo(config, out_dir=tmp_path / "resumed", resume=Resume.from_run(tmp_path / "resumed"))
     assert_identical(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    with pytest.raises(RnnkitError, match="already finished at step 20"):  # nothing left to do
+        train_echo(config, out_dir=tmp_path / "resumed", resume=Resume.from_run(tmp_path / "resumed"))
 
 
 def classify_data() -> ClassifyData:

@@ -147,6 +147,8 @@ def train_classifier(
     for key, value in (("best_val_accuracy", None), ("bad_epochs", 0), ("evaluated_epoch", 0),
                        ("epoch_loss_sum", 0.0), ("epoch_correct", 0), ("epoch_seen", 0)):
         extra.setdefault(key, value)
+    session.refuse_if_finished(session.stopped_by(max_steps) or (
+        "early stopping" if t.patience and extra["bad_epochs"] >= t.patience else None))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_metrics = session.open_metrics()

@@ -100,6 +100,7 @@ def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | N
     tokens_per_step = d.batch_size * d.seq_len
     session = Session(config=config, out_dir=out_dir, task=TASK, model=model, optimizer=optimizer,
                       tokenizer=tokenizer, scheduler=scheduler, stop=stop, resume=resume, on_save=reporter.on_save)
+    session.refuse_if_finished(session.stopped_by(max_steps))
     extra = session.progress.extra
     for key in ("best_val_loss", "best_val_accuracy", "val_loss", "train_loss", "train_accuracy"):
         extra.setdefault(key, None)

@@ -234,6 +234,7 @@ def train_language_model(
     session = Session(config=config, out_dir=out_dir, task=TASK, model=model, optimizer=optimizer,
                       tokenizer=data.tokenizer, scheduler=scheduler, generators={"samples": sample_gen},
                       stop=stop, resume=resume, on_save=reporter.on_save)
+    session.refuse_if_finished(session.stopped_by(max_steps))
     extra = session.progress.extra
     extra.setdefault("best_val_loss", None)
     extra.setdefault("val_loss", None)

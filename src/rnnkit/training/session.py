@@ -355,6 +355,14 @@ class Session:
                 self.save(("last",))
             raise Stopped(self.stop.signum, self.progress.step, self.out_dir)
 
+    def refuse_if_finished(self, how: str | None) -> None:
+        """A resumed run that already met its stop condition has nothing to do: say so instead."""
+        if self.resumed and how:
+            raise RnnkitError(
+                f"the run in {self.out_dir} already finished at step {self.progress.step} (stopped by {how}); "
+                "pass a larger --max-steps, --epochs or --max-time to train it further"
+            )
+
     def stopped_by(self, max_steps: int) -> str | None:
         t = self.config.train
         if max_steps and self.progress.step >= max_steps:
