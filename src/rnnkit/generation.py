@@ -137,7 +137,9 @@ class Stream:
             raise RnnkitError("the stream has read nothing yet: feed at least one token to start from")
         # A model that offers a bound one-token step (a language model) runs it directly:
         # the weights are bound once per call, not checked once per token.
-        step = self.model.step_fn() if hasattr(self.model, "step_fn") and not self.window else None
+        # (Eval mode only: the bound step has no dropout.)
+        fast = hasattr(self.model, "step_fn") and not self.window and not self.model.training
+        step = self.model.step_fn() if fast else None
         for _ in range(length):
             # Sampling runs on the CPU so that a seeded CPU generator gives the same text on any device.
             nxt = sample_next(self._next_logits().float().cpu(), temperature=temperature, top_k=top_k,
