@@ -68,3 +68,12 @@ def test_tie_weights_needs_matching_sizes():
 def test_every_shipped_recipe_loads(recipe):
     config = load_config(recipe)
     assert config.task in ("language_model", "classify", "echo")
+
+
+def test_a_text_setting_that_looks_like_a_number_stays_text():
+    assert parse_override("data.text=2024") == ("data.text", "2024")
+    assert parse_override("out=007") == ("out", "007")
+    assert parse_override("model.hidden=256") == ("model.hidden", 256)
+    config = RunConfig()
+    set_value(config, *parse_override("data.text=2024"), source="--set")
+    assert config.data.text == "2024"

@@ -312,11 +312,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise RnnkitError(f"--set expects KEY=VALUE, got {text!r} (e.g. --set model.hidden=256)")
     key, raw = text.split("=", 1)
+    key = key.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return key.strip(), value
+    if not isinstance(value, str) and _takes_text(key):
+        value = raw  # a path or name that looks like a number (data.text=2024) is still text
+    return key, value
+
+
+def _takes_text(dotted: str) -> bool:
+    """Whether the config key ``dotted`` holds a string (or an optional one)."""
+    section, _, name = dotted.rpartition(".")
+    owner = getattr(RunConfig(), section, None) if section else RunConfig()
+    if section and section not in SECTIONS or owner is None:
+        return False
+    tp = _hints(owner).get(name)
+    return tp is str or (get_origin(tp) in (Union, types.UnionType) and str in get_args(tp))
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
