@@ -209,6 +209,9 @@ def test_resume_refuses_changes_to_what_the_run_computes(tmp_path, capsys):
     assert "cannot change model.hidden" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    folder = next((run / "checkpoints").glob("step-*"))
+    assert main(["train", "--resume", str(folder)]) == 2  # a checkpoint folder, not the run
+    assert f"not a checkpoint folder: pass {run}" in capsys.readouterr().err
     # Longer, with more steps: allowed, and it continues from step 4.
     assert main(["train", "--resume", str(run), "--max-steps", "6", "--quiet"]) == 0
     assert load_checkpoint(run, prefer="last").meta["state"]["step"] == 6

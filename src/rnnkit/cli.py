@@ -101,7 +101,11 @@ def _resume_config(args: argparse.Namespace):
     """The configuration of the run in ``--resume DIR``, with the few flags a resume may change."""
     from rnnkit.training.session import Resume
 
-    resume = Resume.from_run(args.resume)
+    run = Path(args.resume)
+    if (run / "config.json").is_file():
+        raise RnnkitError(f"--resume takes a run directory (the --out of `rnnkit train`), not a checkpoint folder: "
+                          f"pass {run.parent.parent if run.parent.name == 'checkpoints' else 'the run directory'}")
+    resume = Resume.from_run(run)
     meta = json.loads((resume.folder / "config.json").read_text(encoding="utf-8"))
     config = RunConfig.from_dict(meta.get("run", {}), source=str(resume.folder / "config.json"))
     given = {key: value for key, value in vars(args).items() if "." in key or key in ("out", "task")}
