@@ -23,7 +23,7 @@ from rnnkit.data.synthetic import SYMBOL_CHARS, EchoStreams, scored_mask
 from rnnkit.data.tokenizers import CharTokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.models.language_model import LanguageModel
-from rnnkit.training.loop import Reporter, Running, TrainResult, build_optimizer, prepare_run, step_budget, train_step
+from rnnkit.training.loop import Reporter, Running, TrainResult, build_optimizer, prepare_run, session_step, step_budget
 from rnnkit.training.session import Resume, Session, StopFlag, numpy_rng_accessors
 
 TASK = "echo"
@@ -146,11 +146,8 @@ def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | N
             for batch in session.epochs(streams.epoch, *numpy_rng_accessors(streams.rng)):
                 # A new series starts with batch.reset: train_step then starts from zeros;
                 # otherwise it carries the previous window's state, detached (truncated BPTT).
-                out = train_step(model, optimizer, batch, session.carry, clip=t.clip, device=device)
-                session.check_finite(out.applied, skip=t.on_nan == "skip")
-                session.carry = out.state if out.applied else None if batch.reset else session.carry
-                session.advance(tokens_per_step)
-                running.add(out, tokens_per_step)
+                out = session_step(session, model, optimizer, batch, running, clip=t.clip, on_nan=t.on_nan,
+                                   device=device, tokens=tokens_per_step)
                 step = session.step
                 if step % t.log_every == 0 or step == max_steps:
                     record = running.record(step, session.elapsed(), optimizer.param_groups[0]["lr"])

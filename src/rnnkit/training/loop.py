@@ -199,6 +199,18 @@ class Running:
         return record
 
 
+def session_step(session: Session, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
+                 running: Running, *, clip: float, on_nan: str, device: torch.device, tokens: int) -> StepOutput:
+    """One :func:`train_step` inside a session: the NaN guard, the carried state, the counters."""
+    out = train_step(model, optimizer, batch, session.carry, clip=clip, device=device)
+    session.check_finite(out.applied, skip=on_nan == "skip")
+    # A skipped batch leaves the weights alone, and the state it produced is not carried.
+    session.carry = out.state if out.applied else None if batch.reset else session.carry
+    session.advance(tokens)
+    running.add(out, tokens)
+    return out
+
+
 def train_language_model(
     config: RunConfig,
     data: LMData,
@@ -291,12 +303,8 @@ def train_language_model(
     try:
         while stopped_by is None:
             for batch in session.epochs(batcher.epoch, *data_state):
-                out = train_step(model, optimizer, batch, session.carry, clip=t.clip, device=device)
-                session.check_finite(out.applied, skip=t.on_nan == "skip")
-                # A skipped batch leaves the weights alone, and the state it produced is not carried.
-                session.carry = out.state if out.applied else None if batch.reset else session.carry
-                session.advance(tokens_per_step)
-                running.add(out, tokens_per_step)
+                out = session_step(session, model, optimizer, batch, running, clip=t.clip, on_nan=t.on_nan,
+                                   device=device, tokens=tokens_per_step)
                 step = session.step
                 if step % t.log_every == 0 or step == max_steps:
                     record = running.record(step, session.elapsed(), optimizer.param_groups[0]["lr"])
