@@ -24,13 +24,11 @@ or a run directory (its best checkpoint, else its last).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from rnnkit import __version__
 from rnnkit.config import ModelConfig, RunConfig
 from rnnkit.data.tokenizers import Tokenizer, tokenizer_from_dict
 from rnnkit.errors import RnnkitError, describe_os_error
+from rnnkit.files import atomic_folder, fsync_dir, write_atomic
 from rnnkit.models.classifier import Classifier
 from rnnkit.models.language_model import LanguageModel
 
@@ -81,19 +80,6 @@ def build_model(task: str, model_config: ModelConfig, vocab_size: int, meta: dic
     raise RnnkitError(f"unknown task {task!r} in checkpoint (this rnnkit knows: language_model, classify, echo)")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
@@ -119,48 +105,43 @@ def write_checkpoint(
     (see :mod:`rnnkit.training.session`).
     """
     path = Path(path)
-    tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "rnnkit_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "task": task,
-            "vocab_size": tokenizer.vocab_size,
-            "model": asdict(run_config.model),
-            "run": run_config.to_dict(),
-            "state": state,
-            **(extra or {}),  # task-specific facts, e.g. a classifier's labels
-        }
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "tokenizer.json", tokenizer.to_dict())
-        # safetensors copies GPU tensors to the host, so a GPU-trained checkpoint loads anywhere.
-        save_model(model, str(tmp / "model.safetensors"))
-        written = ["model.safetensors"]
-        if trainer is not None:
-            trainer_json, trainer_tensors = trainer
-            _write_json(tmp / "trainer.json", trainer_json)
-            save_file(trainer_tensors, str(tmp / "trainer.safetensors"))
-            written.append("trainer.safetensors")
-        for name in written:
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with atomic_folder(path) as tmp:
+            _write_checkpoint_files(tmp, model=model, tokenizer=tokenizer, task=task, run_config=run_config,
+                                    state=state, extra=extra, trainer=trainer)
     except OSError as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
         raise RnnkitError(f"could not write checkpoint {path}: {describe_os_error(exc)}; "
                           "earlier checkpoints are untouched") from None
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
+
+
+def _write_checkpoint_files(tmp: Path, *, model, tokenizer, task, run_config, state, extra, trainer) -> None:
+    """config.json, tokenizer.json, model.safetensors and (for resuming) the trainer state, fsynced."""
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rnnkit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": task,
+        "vocab_size": tokenizer.vocab_size,
+        "model": asdict(run_config.model),
+        "run": run_config.to_dict(),
+        "state": state,
+        **(extra or {}),  # task-specific facts, e.g. a classifier's labels
+    }
+    _write_json(tmp / "config.json", config)
+    _write_json(tmp / "tokenizer.json", tokenizer.to_dict())
+    # safetensors copies GPU tensors to the host, so a GPU-trained checkpoint loads anywhere.
+    save_model(model, str(tmp / "model.safetensors"))
+    written = ["model.safetensors"]
+    if trainer is not None:
+        trainer_json, trainer_tensors = trainer
+        _write_json(tmp / "trainer.json", trainer_json)
+        save_file(trainer_tensors, str(tmp / "trainer.safetensors"))
+        written.append("trainer.safetensors")
+    for name in written:
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def read_index(run_dir: str | Path) -> dict[str, str]:
@@ -210,14 +191,10 @@ def save_to_run(
     index = read_index(run_dir)
     for name in names:
         index[name] = target.name
-    tmp = folder / f".{INDEX}.tmp"
     try:
-        _write_json(tmp, index)
-        os.replace(tmp, folder / INDEX)
-        _fsync_dir(folder)
+        write_atomic(folder / INDEX, json.dumps(index, indent=2) + "\n")
+        fsync_dir(folder)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         if not existed:  # a folder the index does not name would only be a puzzle
             shutil.rmtree(target, ignore_errors=True)
         raise RnnkitError(f"could not update {folder / INDEX}: {describe_os_error(exc)}; "

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rnnkit.errors import RnnkitError
+from rnnkit.models import eval_mode
 
 
 def check_sampling(*, temperature: float, top_k: int, top_p: float) -> None:
@@ -191,16 +192,12 @@ def generate(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if len(prime) == 0:
         raise RnnkitError("the prime is empty: give at least one token to start from")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         stream = Stream(model, window=window)
         stream.feed(list(prime))  # prime once, as one row
         stream.fork(num_samples)
         yield from stream.sample(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                                  generator=generator)
-    finally:
-        model.train(was_training)
 
 
 def generate_ids(model: nn.Module, prime: Sequence[int], **kwargs) -> list[list[int]]:

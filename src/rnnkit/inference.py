@@ -18,6 +18,7 @@ import torch
 from rnnkit.data.classification import BucketBatcher, Example, encode_examples
 from rnnkit.data.tokenizers import Tokenizer, Unknown
 from rnnkit.errors import RnnkitError
+from rnnkit.models import eval_mode
 from rnnkit.models.classifier import Classifier
 
 
@@ -83,17 +84,13 @@ class StreamText:
 @torch.inference_mode()
 def predict_proba(model: Classifier, batches) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, C) and true labels (N,) over ``(ids, lengths, labels)`` batches."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     probs, labels = [], []
-    try:
+    with eval_mode(model):
         for ids, _, y in batches:
             logits, _ = model(ids.to(device))
             probs.append(torch.softmax(logits.float(), -1).cpu())
             labels.append(y)
-    finally:
-        model.train(was_training)
     if not probs:
         return np.zeros((0, model.num_classes)), np.zeros(0, dtype=np.int64)
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from rnnkit.errors import RnnkitError
+from rnnkit.files import atomic_file
 
 DPI = 100
 
@@ -52,12 +53,10 @@ def check_png(path: str | Path) -> Path:
 def save_figure(fig, path: Path, *, dpi: int = DPI) -> Path:
     """Write ``fig`` to ``path`` through a temporary file in the same folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            fig.savefig(f, dpi=dpi, format="png")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RnnkitError(f"could not write {path}: {exc.strerror or exc}") from None
     return path
 

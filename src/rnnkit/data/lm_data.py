@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ from rnnkit.config import DataConfig
 from rnnkit.data import corpora
 from rnnkit.data.tokenizers import Tokenizer, build_tokenizer, count_ids, tokenizer_from_dict
 from rnnkit.errors import RnnkitError
+from rnnkit.files import atomic_folder
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -88,19 +86,15 @@ def _load_cache(folder: Path, key: str) -> tuple[Tokenizer, dict[str, np.ndarray
 
 
 def _save_cache(folder: Path, key: str, tokenizer: Tokenizer, arrays: dict[str, np.ndarray], chars: int, source: str) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-data-", dir=folder.parent))
     try:
-        for split, arr in arrays.items():
-            np.save(tmp / f"{split}.npy", arr, allow_pickle=False)
-        meta = {"key": key, "source": source, "chars": chars, "tokenizer": tokenizer.to_dict(),
-                "sizes": {s: int(len(a)) for s, a in arrays.items()}, "dtype": str(arrays["train"].dtype)}
-        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with atomic_folder(folder, replace=True) as tmp:
+            for split, arr in arrays.items():
+                np.save(tmp / f"{split}.npy", arr, allow_pickle=False)
+            meta = {"key": key, "source": source, "chars": chars, "tokenizer": tokenizer.to_dict(),
+                    "sizes": {s: int(len(a)) for s, a in arrays.items()}, "dtype": str(arrays["train"].dtype)}
+            (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # a cache is an optimisation: failing to write it is not fatal
+        pass  # a cache is an optimisation: failing to write it is not fatal
 
 
 def save_lm_cache(data: LMData, cache_dir: str | Path) -> None:

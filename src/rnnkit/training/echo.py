@@ -22,6 +22,7 @@ from rnnkit.config import RunConfig
 from rnnkit.data.synthetic import SYMBOL_CHARS, EchoStreams, scored_mask
 from rnnkit.data.tokenizers import CharTokenizer
 from rnnkit.errors import RnnkitError
+from rnnkit.models import eval_mode
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.training.loop import Reporter, Running, TrainResult, build_optimizer, prepare_run, session_step, step_budget
 from rnnkit.training.session import Resume, Session, StopFlag, numpy_rng_accessors
@@ -56,13 +57,11 @@ class EchoEvaluation:
 def evaluate_echo(model: nn.Module, streams: EchoStreams, series: tuple[torch.Tensor, torch.Tensor], *,
                   device: torch.device) -> EchoEvaluation:
     """Run ``model`` over ``series`` window by window with carried state, as in training."""
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     scored = 0
     state = None
-    try:
+    with eval_mode(model):
         for batch in streams.windows(*series):
             x, y = batch.x.to(device), batch.y.to(device)
             logits, state = model(x, None if batch.reset else state)
@@ -71,8 +70,6 @@ def evaluate_echo(model: nn.Module, streams: EchoStreams, series: tuple[torch.Te
             loss_sum += F.cross_entropy(logits[mask], y[mask], reduction="sum")
             correct += (predicted == y)[mask].sum()
             scored += int(mask.sum())
-    finally:
-        model.train(was_training)
     if scored == 0:
         raise RnnkitError(f"no step of the series lies more than --echo-step {streams.echo_step} steps into its "
                           "row; use a longer --series-length")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import RnnkitError
+from rnnkit.models import eval_mode
 
 
 @torch.inference_mode()
@@ -39,10 +40,8 @@ def evaluate_lm(
     device = next(model.parameters()).device
     data = torch.from_numpy(ids[: streams * stream_len + 1].astype(np.int64))
     starts = torch.arange(streams) * stream_len
-    was_training = model.training
-    model.eval()
     total, count, correct, state = 0.0, 0, 0, None
-    try:
+    with eval_mode(model):
         for k in range(0, stream_len, seq_len):
             t = min(seq_len, stream_len - k)
             index = starts[:, None] + k + torch.arange(t + 1)  # (B, t+1)
@@ -52,8 +51,6 @@ def evaluate_lm(
             total += loss.item()
             count += chunk[:, 1:].numel()
             correct += (logits.argmax(-1) == chunk[:, 1:]).sum().item()
-    finally:
-        model.train(was_training)
     return total / count, count, correct / count
 
 
@@ -63,15 +60,11 @@ def _evaluate_windows(model: nn.Module, ids: np.ndarray, *, window: int, batch_s
         raise RnnkitError(f"need at least {window + 1} tokens to evaluate a {window}-token window model, got {len(ids)}")
     device = next(model.parameters()).device
     rows = np.lib.stride_tricks.sliding_window_view(ids, window + 1)  # (M, N+1), a view: no copy
-    was_training = model.training
-    model.eval()
     total, correct = 0.0, 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             chunk = torch.from_numpy(rows[start : start + batch_size].astype(np.int64)).to(device)
             logits, _ = model(chunk[:, :-1])
             total += F.cross_entropy(logits[:, -1].float(), chunk[:, -1], reduction="sum").item()
             correct += (logits[:, -1].argmax(-1) == chunk[:, -1]).sum().item()
-    finally:
-        model.train(was_training)
     return total / len(rows), len(rows), correct / len(rows)

@@ -40,6 +40,7 @@ from rnnkit import checkpoint
 from rnnkit.config import RunConfig
 from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
+from rnnkit.files import write_atomic
 
 TRAINER_FORMAT_VERSION = 1
 #: Stop a ``--on-nan skip`` run after this many non-finite batches in a row: it is not recovering.
@@ -285,9 +286,7 @@ class Session:
                     continue  # a torn last line of the killed run
                 if isinstance(record, dict) and record.get("step", 0) <= self.progress.step:
                     kept.append(record)
-            tmp = path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            tmp.replace(path)
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         self.metrics = MetricsLog(path)
         self.metrics.history[:0] = kept
         return self.metrics
