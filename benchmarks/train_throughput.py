@@ -32,7 +32,8 @@ from torch import nn
 from rnnkit.config import ModelConfig
 from rnnkit.data.batching import Batch, SequentialStreams
 from rnnkit.models.language_model import LanguageModel
-from rnnkit.training.loop import build_optimizer, train_step
+from rnnkit.training.engine import build_optimizer
+from rnnkit.training.lm import train_step
 
 TARGET_RATIO = 0.95
 CLIP = 5.0

@@ -19,7 +19,7 @@ from rnnkit.data.batching import RandomWindows, SequentialStreams
 from rnnkit.errors import RnnkitError
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.training.compare import CompareReporter, compare_sampling, one_line, prepare_data
-from rnnkit.training.loop import train_step
+from rnnkit.training.lm import train_step
 
 CPU = torch.device("cpu")
 

@@ -13,8 +13,9 @@ from rnnkit.cli import main
 from rnnkit.config import ModelConfig, load_config
 from rnnkit.data.synthetic import EchoStreams, echo_series, scored_mask
 from rnnkit.errors import RnnkitError
+from rnnkit.evaluation import evaluate_echo
 from rnnkit.models.language_model import LanguageModel
-from rnnkit.training.echo import evaluate_echo, train_echo
+from rnnkit.training.echo import train_echo
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "echo.toml"
 
@@ -82,7 +83,7 @@ def test_the_recipe_learns_the_echo(tmp_path):
     result = train_echo(config, out_dir=tmp_path / "run")
     assert result.steps == 4 * (20_000 // 5 // 15)
     from rnnkit.checkpoint import load_checkpoint
-    from rnnkit.training.echo import streams_for
+    from rnnkit.data.synthetic import streams_for
 
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.task == "echo" and ckpt.tokenizer.vocab_size == 2

@@ -20,8 +20,16 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from rnnkit.cli import _to_toml, _toml_value
-from rnnkit.config import SECTIONS, RunConfig, all_keys, apply_mapping, parse_override, set_value, validate
+from rnnkit.config import (
+    SECTIONS,
+    RunConfig,
+    all_keys,
+    apply_mapping,
+    parse_override,
+    set_value,
+    toml_value,
+    validate,
+)
 from rnnkit.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
 from rnnkit.errors import RnnkitError
 
@@ -170,7 +178,7 @@ def test_valid_overrides_round_trip_through_dict_and_toml(values):
     for key, value in values.items():
         if value is None:
             continue  # --set cannot spell "unset"; None is the default of every optional key anyway
-        dotted, parsed = parse_override(f"{key}={_toml_value(value)}")
+        dotted, parsed = parse_override(f"{key}={toml_value(value)}")
         set_value(config, dotted, parsed, source="--set")
     validate(config)
     for key, value in values.items():
@@ -179,7 +187,7 @@ def test_valid_overrides_round_trip_through_dict_and_toml(values):
         if value is not None and key not in ("data.seq_len", "data.target", "data.sampling"):  # --window sets these
             assert got == value, key
     assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert RunConfig.from_dict(tomllib.loads(_to_toml(config))) == config
+    assert RunConfig.from_dict(tomllib.loads(config.to_toml())) == config
 
 
 KNOWN = set(all_keys())

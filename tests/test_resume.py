@@ -20,7 +20,8 @@ from rnnkit.data.lm_data import prepare_lm_data
 from rnnkit.errors import RnnkitError
 from rnnkit.training.classify import ClassifyData, train_classifier
 from rnnkit.training.echo import train_echo
-from rnnkit.training.loop import Reporter, train_language_model
+from rnnkit.training.events import Reporter
+from rnnkit.training.lm import train_language_model
 from rnnkit.training.session import Resume, StopFlag, Stopped
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 40
@@ -32,8 +33,8 @@ class StopAt(Reporter):
     def __init__(self, flag: StopFlag, at: int) -> None:
         self.flag, self.at = flag, at
 
-    def on_step(self, info):
-        if info["step"] == self.at:
+    def on_step(self, event):
+        if event.step == self.at:
             self.flag.request(signal.SIGTERM)
 
 
@@ -145,8 +146,8 @@ def test_periodic_checkpoints_by_steps(tmp_path):
     saved = []
 
     class Saves(Reporter):
-        def on_save(self, path, names):
-            saved.append((int(path.name.split("-")[1]), names))
+        def on_save(self, event):
+            saved.append((int(event.path.name.split("-")[1]), event.names))
 
     train_lm(config, tmp_path / "run", reporter=Saves())
     assert saved == [(5, ("last",)), (10, ("last",)), (15, ("last",)), (20, ("last",)), (24, ("best", "last"))]
@@ -155,7 +156,7 @@ def test_periodic_checkpoints_by_steps(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from rnnkit.training import loop
+    from rnnkit.training import lm as loop
 
     config = lm_config(tmp_path, "sequential")
     config.train.eval_every = 4
@@ -176,7 +177,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
 
 def test_on_nan_skip_leaves_the_weights_alone_and_counts(tmp_path, monkeypatch):
-    from rnnkit.training import loop
+    from rnnkit.training import lm as loop
 
     config = lm_config(tmp_path, "sequential")
     config.train.on_nan = "skip"
@@ -296,8 +297,8 @@ def test_periodic_checkpoints_by_wall_clock(tmp_path, monkeypatch):
         def on_step(self, info):
             clock["now"] += 20
 
-        def on_save(self, path, names):
-            self.saved.append(int(path.name.split("-")[1]))
+        def on_save(self, event):
+            self.saved.append(int(event.path.name.split("-")[1]))
 
     reporter = Tick()
     train_lm(config, tmp_path / "run", reporter=reporter)

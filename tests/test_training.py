@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rnnkit import RunConfig, load_checkpoint, prepare_lm_data, train_language_model
-from rnnkit.training.loop import Reporter
+from rnnkit.training.events import Reporter
 
 
 def small_config(tmp_path, text, **train):
@@ -26,11 +26,11 @@ class Recorder(Reporter):
     def __init__(self):
         self.events = []
 
-    def on_eval(self, info):
-        self.events.append(("eval", info))
+    def on_eval(self, event):
+        self.events.append(("eval", event.record))
 
-    def on_sample(self, prefix, text):
-        self.events.append(("sample", text))
+    def on_sample(self, event):
+        self.events.append(("sample", event.text))
 
 
 @pytest.mark.parametrize("sampling", ["random", "sequential"])

@@ -7,7 +7,7 @@ import torch
 
 from rnnkit import load_checkpoint, load_config, prepare_lm_data, train_language_model
 from rnnkit.cli import main
-from rnnkit.training.evaluate import evaluate_lm
+from rnnkit.evaluation import evaluate_lm
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -22,9 +22,9 @@ _TRAINING = {"TrainResult", "train_language_model"}
 
 def __getattr__(name: str):
     if name in _TRAINING:
-        from rnnkit.training import loop
+        from rnnkit.training import lm
 
-        return getattr(loop, name)
+        return getattr(lm, name)
     raise AttributeError(f"module 'rnnkit' has no attribute {name!r}")
 
 

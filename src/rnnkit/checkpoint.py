@@ -38,13 +38,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
-from rnnkit import __version__
-from rnnkit.config import ModelConfig, RunConfig
+from rnnkit import __version__, tasks
+from rnnkit.config import RunConfig
 from rnnkit.data.tokenizers import Tokenizer, tokenizer_from_dict
 from rnnkit.errors import RnnkitError, describe_os_error
 from rnnkit.files import atomic_folder, fsync_dir, write_atomic
-from rnnkit.models.classifier import Classifier
-from rnnkit.models.language_model import LanguageModel
 
 FORMAT = "rnnkit-checkpoint"
 FORMAT_VERSION = 1
@@ -66,18 +64,6 @@ class Checkpoint:
     task: str
     run_config: RunConfig
     meta: dict[str, Any]
-
-
-def build_model(task: str, model_config: ModelConfig, vocab_size: int, meta: dict[str, Any]) -> nn.Module:
-    """The untrained network a checkpoint of ``task`` holds (``meta`` is its config.json)."""
-    if task in ("language_model", "echo"):  # echo: a language model over the task's symbols
-        return LanguageModel(config=model_config, vocab_size=vocab_size)
-    if task == "classify":
-        labels = meta.get("labels")
-        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-            raise RnnkitError("classifier checkpoint: config.json must list at least two 'labels'")
-        return Classifier(config=model_config, vocab_size=vocab_size, num_classes=len(labels))
-    raise RnnkitError(f"unknown task {task!r} in checkpoint (this rnnkit knows: language_model, classify, echo)")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -321,7 +307,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", pre
         raise RnnkitError(
             f"checkpoint {folder}: config says {vocab_size} tokens but tokenizer.json has {tokenizer.vocab_size}"
         )
-    model = build_model(config.get("task", ""), run_config.model, tokenizer.vocab_size, config)
+    model = tasks.get(config.get("task", "")).build_model(run_config.model, tokenizer.vocab_size, config)
     try:
         check_safetensors(folder / "model.safetensors")
         missing_keys, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False, device="cpu")

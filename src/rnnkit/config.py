@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 import types
 import typing
@@ -157,6 +158,37 @@ class RunConfig:
         validate(config)
         return config
 
+    @classmethod
+    def build(cls, *, recipe: str | Path | None = None, overrides: list[str] | None = None,
+              settings: dict[str, Any] | None = None) -> RunConfig:
+        """Defaults, then a TOML ``recipe``, then ``KEY=VALUE`` ``overrides``, then dotted ``settings``, checked."""
+        config = cls()
+        if recipe:
+            apply_mapping(config, load_toml(recipe), source=str(recipe))
+        for item in overrides or []:
+            key, value = parse_override(item)
+            set_value(config, key, value, source="--set")
+        settings = settings or {}
+        for key, value in settings.items():
+            set_value(config, key, value, source="command line")
+        # A text source given last replaces the recipe's, whichever kind the recipe had.
+        if "data.text" in settings and "data.corpus" not in settings:
+            config.data.corpus = None
+        if "data.corpus" in settings and "data.text" not in settings:
+            config.data.text = None
+        validate(config)
+        return config
+
+    def to_toml(self) -> str:
+        """The full configuration as a recipe that `rnnkit train --config` accepts."""
+        data = self.to_dict()
+        lines = ["# the full configuration of this run; re-run it with `rnnkit train --config THIS_FILE`"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in data.items() if k not in SECTIONS and v is not None]
+        for section in SECTIONS:
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in data[section].items() if v is not None]
+        return "\n".join(lines) + "\n"
+
 
 SECTIONS = ("data", "model", "train")
 
@@ -187,6 +219,18 @@ def generation_window(config: RunConfig) -> int:
     """
     d = config.data
     return d.seq_len if d.target == "last" else 0
+
+
+def toml_value(value: Any) -> str:
+    """One value written as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    # A JSON string is a TOML basic string, except that TOML also forbids a raw DEL character.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _describe(tp: Any) -> str:

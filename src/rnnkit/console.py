@@ -7,14 +7,12 @@ produces (generated text, JSON).
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rnnkit.training.loop import Reporter
+from rnnkit.training.events import EndEvent, EvalEvent, Reporter, SampleEvent, StartEvent, StepEvent
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -35,28 +33,25 @@ class ConsoleReporter(Reporter):
         self.live = console.is_terminal and not quiet
         self.progress: Progress | None = None
         self.task = None
-        self.rate_unit = "tok/s"
         self.start = time.perf_counter()
 
     def print(self, message: str) -> None:
         if not self.quiet:
             self.console.print(message)
 
-    def on_start(self, info: dict[str, Any]) -> None:
+    def on_start(self, event: StartEvent) -> None:
         self.start = time.perf_counter()
-        self.rate_unit = "examples/s" if info.get("unit") == "examples" else "tok/s"
         limits = []
-        if info["max_steps"]:
-            limits.append(f"{info['max_steps']} steps")
-        if info["max_time"]:
-            limits.append(f"{info['max_time']:g} s")
+        if event.max_steps:
+            limits.append(f"{event.max_steps} steps")
+        if event.max_time:
+            limits.append(f"{event.max_time:g} s")
         self.print(
-            f"[bold]training[/] {human(info['parameters'])} parameters on {escape(info['source'])} "
-            f"({human(info['train_tokens'])} train / {human(info['val_tokens'])} validation "
-            f"{info.get('unit', 'tokens')}, "
-            f"vocabulary {info['vocab_size']}{', cached ids' if info['from_cache'] else ''}) "
-            f"on {info['device']}; {info['steps_per_epoch']} steps per epoch; stop after {' or '.join(limits)}"
-            + (f"; resuming at step {info['resumed_at']}" if info.get("resumed_at") is not None else "")
+            f"[bold]training[/] {human(event.parameters)} parameters on {escape(event.source)} "
+            f"({human(event.train_size)} train / {human(event.val_size)} validation {event.unit}, "
+            f"vocabulary {event.vocab_size}{', cached ids' if event.from_cache else ''}) "
+            f"on {event.device}; {event.steps_per_epoch} steps per epoch; stop after {' or '.join(limits)}"
+            + (f"; resuming at step {event.resumed_at}" if event.resumed_at is not None else "")
         )
         if self.live:
             self.progress = Progress(
@@ -70,61 +65,38 @@ class ConsoleReporter(Reporter):
                 transient=True,
             )
             self.progress.start()
-            total = info["max_steps"] or info["max_time"]
-            self.task = self.progress.add_task("train", total=total, status="")
-            self._by_time = not info["max_steps"]
+            self.task = self.progress.add_task("train", total=event.max_steps or event.max_time, status="")
+            self._by_time = not event.max_steps
 
-    def on_step(self, info: dict[str, Any]) -> None:
-        status = (
-            f"step {info['step']}  epoch {info['epoch']:.2f}  loss {info['loss']:.4f}  "
-            f"acc {info['accuracy']:.3f}  {human(info.get('examples_per_s', info['tokens_per_s']))} {self.rate_unit}"
-        )
+    def on_step(self, event: StepEvent) -> None:
+        status = (f"step {event.step}  epoch {event.epoch:.2f}  loss {event.loss:.4f}  "
+                  f"acc {event.accuracy:.3f}  {human(event.rate)} {event.rate_unit}")
         if self.progress is not None:
-            done = info["time"] if self._by_time else info["step"]
-            if info["max_steps"] and info["max_time"]:
+            done = event.time if self._by_time else event.step
+            if event.max_steps and event.max_time:
                 # Whichever limit comes first decides how far along we are.
-                done = max(info["step"] / info["max_steps"], info["time"] / info["max_time"]) * info["max_steps"]
+                done = max(event.step / event.max_steps, event.time / event.max_time) * event.max_steps
             self.progress.update(self.task, completed=done, status=status)
         else:
-            self.print(f"{status}  lr {info['lr']:.3g}  {info['time']:.0f}s")
-        if info.get("example"):
-            self.print(f"  {escape(info['example'])}")
+            self.print(f"{status}  lr {event.lr:.3g}  {event.time:.0f}s")
+        if event.example:
+            self.print(f"  {escape(event.example)}")
 
-    def on_eval(self, info: dict[str, Any]) -> None:
-        mark = "  [green]best[/]" if info.get("improved") else ""
-        if "val_perplexity" not in info:
-            if "epoch" in info and "train_accuracy" in info:  # a classifier's epoch summary
-                val = (f"  validation accuracy {info['val_accuracy']:.4f}  loss {info['val_loss']:.4f}"
-                       if "val_accuracy" in info else "")
-                self.print(f"[bold]epoch {info['epoch']}[/]  train accuracy {info['train_accuracy']:.4f}  "
-                           f"loss {info['train_loss']:.4f}{val}{mark}")
-            elif "val_accuracy" in info:  # per-step labelling (echo)
-                self.print(f"[bold]step {info['step']}[/]  validation loss {info['val_loss']:.4f}  "
-                           f"accuracy {info['val_accuracy']:.4f}  lr {info['lr']:.3g}{mark}")
-            return
-        self.print(
-            f"[bold]step {info['step']}[/]  validation loss {info['val_loss']:.4f}  "
-            f"perplexity {info['val_perplexity']:.2f}  bits/char {info['val_bits_per_char']:.3f}  "
-            f"lr {info['lr']:.3g}{mark}"
-        )
+    def on_eval(self, event: EvalEvent) -> None:
+        if event.summary is not None:
+            mark = "  [green]best[/]" if event.improved else ""
+            self.print(f"[bold]{escape(event.headline)}[/]  {escape(event.summary)}{mark}")
 
-    def on_sample(self, prefix: str, text: str) -> None:
-        self.print(f"[dim]--- sample from {escape(repr(prefix))}:[/]\n{escape(text)}")
+    def on_sample(self, event: SampleEvent) -> None:
+        self.print(f"[dim]--- sample from {escape(repr(event.prefix))}:[/]\n{escape(event.text)}")
 
-    def on_save(self, path: Path, names: tuple[str, ...]) -> None:
-        pass  # the end-of-run summary says where checkpoints are
-
-    def on_end(self, info: dict[str, Any]) -> None:
+    def on_end(self, event: EndEvent) -> None:
         if self.progress is not None:
             self.progress.stop()
-        best = f", best validation loss {info['best_val_loss']:.4f}" if info["best_val_loss"] is not None else ""
-        if info.get("best_val_accuracy") is not None:
-            best = f", best validation accuracy {info['best_val_accuracy']:.4f}"
-        tokens = f", {human(info['tokens'])} tokens" if info.get("tokens") else ""
-        self.print(
-            f"[bold]done[/]: {info['step']} steps{tokens} in {info['seconds']:.0f} s "
-            f"(stopped by {info['stopped_by']}){best}"
-        )
+        best = f", best {event.best[0]} {event.best[1]:.4f}" if event.best is not None else ""
+        tokens = f", {human(event.tokens)} tokens" if event.tokens else ""
+        self.print(f"[bold]done[/]: {event.step} steps{tokens} in {event.seconds:.0f} s "
+                   f"(stopped by {event.stopped_by}){best}")
 
     def close(self) -> None:
         if self.progress is not None:

@@ -119,3 +119,144 @@ def classify_texts(
     batches = BucketBatcher(encoded, batch_size=batch_size, pad_id=model.pad_id, shuffle=False)
     probs, _ = predict_proba(model, batches)
     return probs, encoded.index
+
+
+def prime_warning(tokenizer: Tokenizer, prime: Prime, unknown: Unknown | None) -> str | None:
+    """What became of the prime's pieces the vocabulary lacks, in one line (None: there were none)."""
+    if not prime.unknown:
+        return None
+    what = "mapped to <unk>" if (unknown or tokenizer.default_unknown) == "unk" else "skipped"
+    return (f"{what} {len(prime.unknown)} piece(s) of the prime not in the vocabulary: "
+            + " ".join(repr(c) for c in prime.unknown[:8]))
+
+
+@dataclass
+class GenerateRequest:
+    """What ``rnnkit generate`` asks of a language-model checkpoint."""
+
+    prime: str | None = None  # None: the model's default prime (saved at training)
+    length: int = 500
+    temperatures: Sequence[float] = (0.8,)
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int | None = None  # None: a random one
+    unknown: Unknown | None = None
+    echo_prime: bool = True  # the text starts with the prime
+
+    def check(self) -> None:
+        """Refuse settings no model could honour."""
+        from rnnkit.generation import check_sampling
+
+        for temperature in self.temperatures:
+            check_sampling(temperature=temperature, top_k=self.top_k, top_p=self.top_p)
+        if self.length < 0:
+            raise RnnkitError(f"--length must be >= 0, got {self.length}")
+        if self.num_samples < 1:
+            raise RnnkitError(f"--num-samples must be >= 1, got {self.num_samples}")
+
+
+def generate_text(ckpt, request: GenerateRequest, *, warn: Callable[[str], None] | None = None) -> Iterable[str]:
+    """The text of ``request``, piece by piece as it is generated (headers between samples and temperatures).
+
+    Everything is checked before the first piece; a single sample per temperature
+    streams token by token, several come whole, each under a header line.
+    """
+    from rnnkit import tasks
+    from rnnkit.config import generation_window
+    from rnnkit.generation import generate
+
+    request.check()
+    tasks.require(ckpt.task, "generates", what="`rnnkit generate`", where=str(ckpt.path))
+    tok = ckpt.tokenizer
+    prime_text = request.prime if request.prime is not None else ckpt.meta.get("state", {}).get("default_prime", "\n")
+    encoded = encode_prime(tok, prime_text, unknown=request.unknown)
+    if warn is not None and (message := prime_warning(tok, encoded, request.unknown)):
+        warn(message)
+    prime = encoded.ids
+    seed = request.seed if request.seed is not None else int(torch.seed() % 2**31)
+    headers = len(request.temperatures) > 1 or request.num_samples > 1
+    for temperature in request.temperatures:
+        steps = generate(ckpt.model, prime, length=request.length, temperature=temperature, top_k=request.top_k,
+                         top_p=request.top_p, num_samples=request.num_samples,
+                         generator=torch.Generator().manual_seed(seed), window=generation_window(ckpt.run_config))
+        if request.num_samples == 1:
+            if headers:
+                yield f"----- temperature {temperature:g} -----\n"
+            stream = StreamText(tok, prime, echo=request.echo_prime)
+            yield stream.start()
+            for ids in steps:  # each token as soon as it exists
+                yield stream.push(ids.tolist())
+            yield "\n"
+            continue
+        columns = torch.stack(list(steps), dim=1).tolist() if request.length else [[]] * request.num_samples
+        for i, ids in enumerate(columns, 1):
+            text = tok.decode(prime + ids) if request.echo_prime else continuation(tok, prime, ids)
+            yield f"----- temperature {temperature:g}, sample {i} -----\n{text}\n"
+
+
+def read_texts_to_classify(path: str, *, text_column: str = "text") -> list[str]:
+    """One text per line, or the text column of a TSV/CSV file with a header."""
+    import pathlib
+
+    from rnnkit.data import corpora
+    from rnnkit.data.classification import read_texts
+
+    p = pathlib.Path(path)
+    if p.suffix.lower() in (".tsv", ".csv"):
+        return read_texts(p, text_column=text_column)
+    lines = [line for line in corpora.read_text(p).split("\n") if line.strip()]
+    if not lines:
+        raise RnnkitError(f"{p} has no texts to classify")
+    return lines
+
+
+def classify_lines(ckpt, texts: Sequence[str], *, all_labels: bool = False,
+                   warn: Callable[[str], None] | None = None) -> Iterable[str]:
+    """``label<TAB>probability<TAB>text`` per text with tokens (and every label's probability with ``all_labels``)."""
+    from rnnkit import tasks
+
+    tasks.require(ckpt.task, "classifies", what="`rnnkit classify`", where=str(ckpt.path))
+    labels = ckpt.meta["labels"]
+    run = ckpt.run_config.data
+    probs, index = classify_texts(ckpt.model, ckpt.tokenizer, labels, texts, max_len=run.max_len,
+                                  truncate=run.truncate, log=warn)
+    for i, p in zip(index, probs, strict=True):
+        k = int(p.argmax())
+        line = f"{labels[k]}\t{p[k]:.4f}\t{texts[i]}"
+        if all_labels:
+            line += "\t" + "  ".join(f"{label} {q:.4f}" for label, q in zip(labels, p, strict=True))
+        yield line + "\n"
+
+
+def load_for(path: str, *, device: str = "cpu", capability: str | None = None, what: str = ""):
+    """Load a checkpoint for a command; with ``capability``, refuse one whose task cannot do the job."""
+    from rnnkit import tasks
+    from rnnkit.checkpoint import load_checkpoint
+    from rnnkit.runtime import resolve_device
+
+    ckpt = load_checkpoint(path, device=resolve_device(device))
+    if capability is not None:
+        tasks.require(ckpt.task, capability, what=what, where=str(path))
+    return ckpt
+
+
+def vocabulary(tokenizer: Tokenizer, *, top: int = 50, sort: str = "count") -> tuple[dict, list[str]]:
+    """A tokenizer's tokens with their training counts: the JSON form and the table's lines."""
+    counts = tokenizer.counts or [None] * tokenizer.vocab_size
+    rows = [(i, tokenizer.token(i), counts[i]) for i in range(tokenizer.vocab_size)]
+    if sort == "count" and tokenizer.counts:
+        rows.sort(key=lambda r: -r[2])
+    shown = rows[:top] if top else rows
+    data = {"level": tokenizer.kind, "size": tokenizer.vocab_size,
+            "tokens": [{"id": i, "token": t, "count": c} for i, t, c in shown]}
+    total = sum(c for c in counts if c) or None
+    lines = [f"# {tokenizer.kind} vocabulary, {tokenizer.vocab_size} tokens"
+             + (f", {total:,} in the training text" if total else ""),
+             f"{'id':>6}  {'count':>10}  {'share':>6}  token"]
+    for i, token, count in shown:
+        share = f"{100 * count / total:5.2f}%" if total and count is not None else "     -"
+        lines.append(f"{i:>6}  {count if count is not None else '-':>10}  {share}  {token!r}")
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more (--top 0 shows all)")
+    return data, lines

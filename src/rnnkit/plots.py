@@ -270,3 +270,44 @@ class LivePlot:
         if self.figure is not None:
             self.plt.close(self.figure.fig)
             self.figure = None
+
+
+# ------------------------------------------------------------------ `rnnkit plot`
+
+
+def plot_run_dir(run_dir: str | Path, *, out: str | Path | None = None, seed: int = 0,
+                 task_figures: bool = True) -> list[Path]:
+    """Draw a run's curves (to ``out``, default ``RUN/plots/curves.png``) and its task's own figures."""
+    from rnnkit import tasks
+    from rnnkit.checkpoint import load_checkpoint
+
+    run = Path(run_dir)
+    records = read_metrics(run)
+    path = Path(out) if out else run / "plots" / "curves.png"
+    written = [plot_run(records, path, title=run.resolve().name)]
+    if task_figures and (run / "checkpoints").is_dir():
+        ckpt = load_checkpoint(run, device="cpu")
+        figures = tasks.get(ckpt.task).figures
+        if figures:
+            written += tasks.resolve(figures)(ckpt, records, path, seed=seed, name=run.resolve().name,
+                                              beside=bool(out))
+    return written
+
+
+def echo_figures(ckpt, records: list[dict[str, Any]], curves: Path, *, seed: int, name: str,
+                 beside: bool) -> list[Path]:
+    """The echo figure of an echo checkpoint over the last window of a fresh series (seeded by ``seed``).
+
+    Written as ``echo.png`` next to the curves, or ``CURVES-echo.png`` when the curves' file was named.
+    """
+    from rnnkit.data.synthetic import streams_for
+    from rnnkit.evaluation import evaluate_echo
+
+    streams = streams_for(ckpt.run_config, seed=seed)
+    result = evaluate_echo(ckpt.model, streams, streams.series(), device=next(ckpt.model.parameters()).device)
+    steps = [r["step"] for r in records if isinstance(r.get("loss"), (int, float))]
+    losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+    path = curves.with_name(f"{curves.stem}-echo.png") if beside else curves.with_name("echo.png")
+    return [plot_echo(path, losses=(steps, losses), x=result.x.numpy(), y=result.y.numpy(),
+                      predicted=result.predicted.numpy(), symbols=ckpt.run_config.data.symbols, offset=result.offset,
+                      title=f"{name}: accuracy {result.accuracy:.4f} on a fresh series (last window shown)")]

@@ -48,7 +48,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from rnnkit import __version__
+from rnnkit import __version__, tasks
 from rnnkit.checkpoint import Checkpoint, load_checkpoint
 from rnnkit.config import ServeLimits, generation_window
 from rnnkit.data.tokenizers import Tokenizer
@@ -336,7 +336,7 @@ def describe(ckpt: Checkpoint, limits: ServeLimits) -> dict[str, Any]:
         "rnnkit_version": ckpt.meta.get("rnnkit_version"),
         "limits": asdict(limits),
     }
-    if ckpt.task == "classify":
+    if tasks.get(ckpt.task).classifies:
         info["labels"] = ckpt.meta["labels"]
     else:
         info["default_prime"] = default_prime if default_prime is not None else "\n"
@@ -372,10 +372,11 @@ def create_app(
             # The tokenizers word their hint for the CLI; here the same switch is a request field.
             raise ApiError(422, str(exc).replace("--unknown skip", '"unknown": "skip"')) from None
 
-    def need(task: str, endpoint: str) -> None:
-        if ckpt.task != task:
-            what = "a language model" if task == "language_model" else "a classifier"
-            raise ApiError(400, f"{endpoint} needs {what}; this server holds a {ckpt.task} checkpoint")
+    def need(capability: str, endpoint: str) -> None:
+        try:
+            tasks.require(ckpt.task, capability, what=endpoint, where="this server")
+        except tasks.WrongTask as exc:
+            raise ApiError(400, str(exc)) from None
 
     def open_stream(prime_text: str, unknown: str | None, rows: int):
         prime = encode_prime(tok, prime_text or default_prime, unknown=unknown)
@@ -423,7 +424,7 @@ def create_app(
     @app.post("/generate", response_model=GenerateResponse, tags=["language model"])
     async def generate(body: bodies.GenerateRequest) -> GenerateResponse:
         """Continue the prime ``num_samples`` times; each sample's new text."""
-        need("language_model", "/generate")
+        need("generates", "/generate")
         seed = new_seed(body.seed)
 
         def work() -> GenerateResponse:
@@ -444,7 +445,7 @@ def create_app(
                                               "`token` {text} per new piece of text, then `done` {tokens, text}"}})
     async def generate_stream(body: bodies.StreamRequest) -> StreamingResponse:
         """Continue the prime, sending each piece of text as soon as it exists (server-sent events)."""
-        need("language_model", "/generate/stream")
+        need("generates", "/generate/stream")
         seed = new_seed(body.seed)
         stream, prime = await run(open_stream, body.prime, body.unknown, 1)  # errors here are still JSON
         steps = stream.sample(length=body.length, temperature=body.temperature, top_k=body.top_k,
@@ -466,7 +467,7 @@ def create_app(
     @app.post("/classify", response_model=ClassifyResponse, tags=["classifier"])
     async def classify(body: bodies.ClassifyRequest) -> ClassifyResponse:
         """The likeliest label of each text, with every label's probability."""
-        need("classify", "/classify")
+        need("classifies", "/classify")
         labels = ckpt.meta["labels"]
         data = ckpt.run_config.data
 
@@ -487,7 +488,7 @@ def create_app(
     @app.post("/sessions", response_model=SessionInfo, status_code=201, tags=["sessions"])
     async def create_session(body: bodies.FeedRequest) -> SessionInfo:
         """Start a session, optionally with some text; returns its id."""
-        need("language_model", "/sessions")
+        need("generates", "/sessions")
         session = Session(Stream(model, window=window), tok)
         fed, unknown = await run(session.feed, body.text, body.unknown) if body.text else (0, [])
         sid = sessions.add(session)

@@ -134,6 +134,26 @@ def read_labelled(
     return sets
 
 
+def read_labelled_source(config, *, log: Log | None = None) -> tuple[dict[str, list[Example]], str]:
+    """The labelled examples of a run's ``data.text`` (a file or folder) or ``data.corpus``, and their description.
+
+    ``config`` is a :class:`~rnnkit.config.DataConfig`.
+    """
+    from rnnkit.data import corpora
+
+    if config.text and config.corpus:
+        raise RnnkitError("give either --data/--text or --corpus, not both")
+    if config.corpus:
+        path, source = corpora.fetch(config.corpus, log=log), f"corpus {config.corpus}"
+    elif config.text:
+        path, source = config.text, str(config.text)
+    else:
+        raise RnnkitError("no labelled data: pass --data FILE.tsv|FOLDER or --corpus NAME")
+    sets = read_labelled(path, label_column=config.label_column, text_column=config.text_column,
+                         encoding=config.encoding, log=log)
+    return sets, source
+
+
 def _read_table(
     path: pathlib.Path, *, label_column: str, text_column: str, encoding: str, log: Log | None
 ) -> list[Example]:

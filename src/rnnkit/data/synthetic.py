@@ -100,3 +100,10 @@ class EchoStreams:
             end = start + self.bptt
             yield EchoBatch(x=x[:, start:end].contiguous(), y=y[:, start:end].contiguous(), reset=start == 0,
                             offset=start)
+
+
+def streams_for(config, *, seed: int) -> EchoStreams:
+    """The echo streams a run's configuration (a :class:`~rnnkit.config.RunConfig`) describes."""
+    d = config.data
+    return EchoStreams(series_length=d.series_length, echo_step=d.echo_step, symbols=d.symbols,
+                       batch_size=d.batch_size, bptt=d.seq_len, seed=seed)

@@ -9,26 +9,29 @@ with the best weights.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rnnkit import checkpoint
 from rnnkit.config import RunConfig
 from rnnkit.data.classification import BucketBatcher, EncodedSet, Example, build_label_index, encode_examples
 from rnnkit.data.tokenizers import Tokenizer, build_tokenizer
 from rnnkit.errors import RnnkitError
-from rnnkit.inference import predict_proba
+from rnnkit.evaluation import evaluate_classifier
 from rnnkit.models.classifier import Classifier
-from rnnkit.training.loop import Reporter, build_optimizer, prepare_run
-from rnnkit.training.session import Resume, Session, StopFlag, optimizer_step
-
-TASK = "classify"
+from rnnkit.training import engine
+from rnnkit.training.engine import Forward, Validation
+from rnnkit.training.events import EndEvent, Reporter, StartEvent
+from rnnkit.training.session import MetricsLog, Resume, Session, StopFlag
 
 
 @dataclass
@@ -70,43 +73,6 @@ def prepare_classify_data(
 
 
 @dataclass
-class ClassifyEval:
-    accuracy: float
-    loss: float
-    count: int
-    confusion: list[list[int]]  # [true][predicted]
-    labels: list[str]
-
-    def report(self) -> dict[str, Any]:
-        """Accuracy, per-class precision/recall/F1 and the confusion matrix, as JSON-ready data."""
-        matrix = np.array(self.confusion)
-        per_class = {}
-        for i, label in enumerate(self.labels):
-            tp = int(matrix[i, i])
-            predicted = int(matrix[:, i].sum())
-            actual = int(matrix[i, :].sum())
-            precision = tp / predicted if predicted else 0.0
-            recall = tp / actual if actual else 0.0
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-            per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-        return {"accuracy": self.accuracy, "loss": self.loss, "examples": self.count, "per_class": per_class,
-                "confusion_matrix": {"labels": self.labels, "rows_true_columns_predicted": self.confusion}}
-
-
-def evaluate_classifier(model: Classifier, data: EncodedSet, labels: list[str], *, batch_size: int = 256) -> ClassifyEval:
-    if len(data.labels) == 0:
-        raise RnnkitError("no examples to evaluate")
-    batches = BucketBatcher(data, batch_size=batch_size, pad_id=model.pad_id, shuffle=False)
-    probs, truth = predict_proba(model, batches)
-    predicted = probs.argmax(1)
-    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    np.add.at(confusion, (truth, predicted), 1)
-    loss = float(-np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None)).mean())
-    return ClassifyEval(accuracy=float((predicted == truth).mean()), loss=loss, count=len(truth),
-                        confusion=confusion.tolist(), labels=labels)
-
-
-@dataclass
 class ClassifyResult:
     epochs: int
     seconds: float
@@ -116,135 +82,186 @@ class ClassifyResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train_classifier(
-    config: RunConfig,
-    data: ClassifyData,
-    *,
-    out_dir: str | Path,
-    reporter: Reporter | None = None,
-    stop: StopFlag | None = None,
-    resume: Resume | None = None,
-) -> ClassifyResult:
-    """Train for ``train.epochs`` (or until ``max_time``/``max_steps``/early stopping) and keep the best."""
-    reporter = reporter or Reporter()
-    out_dir = Path(out_dir)
-    d, t = config.data, config.train
-    device = prepare_run(config)
-    if len(data.train.labels) == 0:
-        raise RnnkitError("no training examples left after encoding")
-    model = Classifier(config=config.model, vocab_size=data.tokenizer.vocab_size, num_classes=len(data.labels))
-    model.to(device)
-    optimizer = build_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    batches = BucketBatcher(data.train, batch_size=d.batch_size, pad_id=model.pad_id, shuffle=True, seed=t.seed)
-    epochs = max(1, int(round(t.epochs))) if t.epochs else 4
-    steps_per_epoch = len(batches)
-    max_steps = min(t.max_steps, epochs * steps_per_epoch) if t.max_steps else epochs * steps_per_epoch
-    session = Session(config=config, out_dir=out_dir, task=TASK, model=model, optimizer=optimizer,
-                      tokenizer=data.tokenizer, extra={"labels": data.labels}, stop=stop, resume=resume,
-                      on_save=reporter.on_save)
-    # Counters of the loop that a resumed run continues from (all saved with each checkpoint).
-    extra = session.progress.extra
-    for key, value in (("best_val_accuracy", None), ("bad_epochs", 0), ("evaluated_epoch", 0),
-                       ("epoch_loss_sum", 0.0), ("epoch_correct", 0), ("epoch_seen", 0)):
-        extra.setdefault(key, value)
-    session.refuse_if_finished(session.stopped_by(max_steps) or (
-        "early stopping" if t.patience and extra["bad_epochs"] >= t.patience else None))
+class LabelledBatch(NamedTuple):
+    """A bucket of padded texts: ids (B, T), lengths (B,), labels (B,). Never carries state."""
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_metrics = session.open_metrics()
-    reporter.on_start({
-        "device": str(device), "parameters": model.num_parameters(), "vocab_size": data.tokenizer.vocab_size,
-        "train_tokens": len(data.train.labels), "val_tokens": len(data.val.labels), "unit": "examples",
-        "steps_per_epoch": steps_per_epoch, "max_steps": max_steps, "max_time": t.max_time,
-        "source": data.source, "from_cache": False, "resumed_at": session.step if session.resumed else None,
-    })
-    get_epoch = lambda: {"epoch": batches.epoch}  # noqa: E731 - the batcher's order is drawn from its epoch number
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    y: torch.Tensor
+    reset: bool = True
 
-    def set_epoch(state: dict[str, Any]) -> None:
-        batches.epoch = state["epoch"]
 
-    def end_of_epoch() -> bool:
-        """Validate, save, and say whether early stopping ends the run."""
+def classifier_forward(model: nn.Module, batch: LabelledBatch, state, device: torch.device) -> Forward:
+    ids, y = batch.ids.to(device), batch.y.to(device)
+    logits, _ = model(ids)  # (B, C)
+    return Forward(loss=F.cross_entropy(logits, y), outputs=(logits, y))
+
+
+class ClassifierTask:
+    """Epochs over length buckets; validate each epoch, keep the best, stop early; score the test split."""
+
+    name = "classify"
+    plateau_decay = False
+    validate_each_epoch = True
+    generators: dict[str, torch.Generator] = {}
+    # Counters a resumed run continues from (all saved with each checkpoint).
+    counters = {"best_val_accuracy": None, "bad_epochs": 0, "evaluated_epoch": 0, "epoch_loss_sum": 0.0,
+                "epoch_correct": 0, "epoch_seen": 0}
+    loss = staticmethod(classifier_forward)
+
+    def __init__(self, config: RunConfig, data: ClassifyData) -> None:
+        d, t = config.data, config.train
+        if len(data.train.labels) == 0:
+            raise RnnkitError("no training examples left after encoding")
+        self.config, self.data, self.tokenizer = config, data, data.tokenizer
+        self.checkpoint_extra = {"labels": data.labels}
+        self.batches = BucketBatcher(data.train, batch_size=d.batch_size, pad_id=data.tokenizer.vocab_size,
+                                     shuffle=True, seed=t.seed)
+        self.epoch_limit = max(1, int(round(t.epochs))) if t.epochs else 4
+        self.steps_per_epoch = len(self.batches)
+        total = self.epoch_limit * self.steps_per_epoch
+        self.max_steps = min(t.max_steps, total) if t.max_steps else total
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        self.device = device
+        self.model = Classifier(config=self.config.model, vocab_size=self.tokenizer.vocab_size,
+                                num_classes=len(self.data.labels))
+        self.model.to(device)
+        return self.model
+
+    def finished(self, session: Session) -> str | None:
+        patience, extra = self.config.train.patience, session.progress.extra
+        return session.stopped_by(self.max_steps) or (
+            "early stopping" if patience and extra["bad_epochs"] >= patience else None)
+
+    def setup(self, session: Session) -> None:
+        self.extra = session.progress.extra
+
+    def begin(self, session: Session, metrics: MetricsLog, out_dir: Path) -> StartEvent:
+        # Throughput since the last progress line: tokens (padding excluded) and examples per second.
+        self.rate_since, self.rate_tokens, self.rate_examples = time.perf_counter(), session.progress.tokens, 0
+        data = self.data
+        return StartEvent(device=str(self.device), parameters=self.model.num_parameters(),
+                          vocab_size=data.tokenizer.vocab_size, train_size=len(data.train.labels),
+                          val_size=len(data.val.labels), unit="examples", steps_per_epoch=self.steps_per_epoch,
+                          max_steps=self.max_steps, max_time=self.config.train.max_time, source=data.source,
+                          from_cache=False, resumed_at=session.step if session.resumed else None)
+
+    def epoch(self):
+        def get() -> dict[str, Any]:
+            return {"epoch": self.batches.epoch}  # the batcher's order is drawn from its epoch number
+
+        def put(state: dict[str, Any]) -> None:
+            self.batches.epoch = state["epoch"]
+
+        return (lambda: (LabelledBatch(*parts) for parts in self.batches), get, put)
+
+    def begin_epoch(self, session: Session) -> None:
+        self.extra.update(epoch_loss_sum=0.0, epoch_correct=0, epoch_seen=0)  # a resumed epoch keeps its sums
+
+    def tokens(self, batch: LabelledBatch) -> int:
+        return int(batch.lengths.sum())  # real tokens, padding not counted
+
+    def observe(self, batch: LabelledBatch, forward: Forward, applied: bool) -> None:
+        self.rate_examples += len(batch.y)
+        if applied:
+            logits, y = forward.outputs
+            self.extra["epoch_loss_sum"] += forward.loss.item() * len(y)
+            self.extra["epoch_correct"] += (logits.argmax(-1) == y).sum().item()
+            self.extra["epoch_seen"] += len(y)
+
+    def progress(self, session: Session, lr: float) -> tuple[dict[str, Any], float, str]:
+        seen = max(self.extra["epoch_seen"], 1)
+        now = time.perf_counter()
+        span = max(now - self.rate_since, 1e-9)
+        record = {"step": session.step, "time": round(session.elapsed(), 3),
+                  "loss": self.extra["epoch_loss_sum"] / seen, "accuracy": self.extra["epoch_correct"] / seen,
+                  "lr": lr, "tokens_per_s": round((session.progress.tokens - self.rate_tokens) / span, 1),
+                  "examples_per_s": round(self.rate_examples / span, 1)}
+        self.rate_since, self.rate_tokens, self.rate_examples = now, session.progress.tokens, 0
+        return record, record["examples_per_s"], "examples/s"
+
+    def example(self, batch: LabelledBatch, forward: Forward) -> None:
+        return None
+
+    def after_step(self, session: Session, batch: LabelledBatch, forward: Forward) -> None:
+        pass
+
+    def samples(self) -> list:
+        return []
+
+    def epoch_needs_validation(self, session: Session) -> bool:
+        return self.extra["evaluated_epoch"] != session.progress.epoch
+
+    def validate(self, session: Session) -> Validation:
+        """Validate the epoch; early stopping ends the run after ``patience`` epochs without a better accuracy."""
+        extra, patience = self.extra, self.config.train.patience
         epoch = session.progress.epoch
         seen = max(extra["epoch_seen"], 1)
         record: dict[str, Any] = {"step": session.step, "epoch": epoch, "time": round(session.elapsed(), 3),
                                   "train_loss": extra["epoch_loss_sum"] / seen,
                                   "train_accuracy": extra["epoch_correct"] / seen,
-                                  "lr": optimizer.param_groups[0]["lr"]}
+                                  "lr": session.optimizer.param_groups[0]["lr"]}
         extra["evaluated_epoch"] = epoch
-        if len(data.val.labels):
-            val = evaluate_classifier(model, data.val, data.labels)
-            improved = extra["best_val_accuracy"] is None or val.accuracy > extra["best_val_accuracy"]
-            if improved:
-                extra["best_val_accuracy"], extra["bad_epochs"] = val.accuracy, 0
-            else:
-                extra["bad_epochs"] += 1
-            record.update(val_loss=val.loss, val_accuracy=val.accuracy)
-            reporter.on_eval({**record, "improved": improved, "best_val_accuracy": extra["best_val_accuracy"]})
-            log_metrics(record)
-            session.save(("best", "last") if improved else ("last",), {"val_accuracy": val.accuracy})
-            return bool(t.patience and extra["bad_epochs"] >= t.patience)
-        reporter.on_eval(record)
-        log_metrics(record)
-        session.save(("best", "last"))
-        return False
+        summary = f"train accuracy {record['train_accuracy']:.4f}  loss {record['train_loss']:.4f}"
+        if not len(self.data.val.labels):
+            return Validation(record=record, improved=True, headline=f"epoch {epoch}", summary=summary)
+        val = evaluate_classifier(self.model, self.data.val, self.data.labels)
+        improved = extra["best_val_accuracy"] is None or val.accuracy > extra["best_val_accuracy"]
+        if improved:
+            extra["best_val_accuracy"], extra["bad_epochs"] = val.accuracy, 0
+        else:
+            extra["bad_epochs"] += 1
+        record.update(val_loss=val.loss, val_accuracy=val.accuracy)
+        summary += f"  validation accuracy {val.accuracy:.4f}  loss {val.loss:.4f}"
+        return Validation(record=record, improved=improved, headline=f"epoch {epoch}", summary=summary,
+                          save_state={"val_accuracy": val.accuracy},
+                          early_stop=bool(patience and extra["bad_epochs"] >= patience))
 
-    model.train()
-    stopped_by = session.stopped_by(max_steps)
-    # Throughput since the last progress line: tokens (padding excluded) and examples per second.
-    rate_since, rate_tokens, rate_examples = time.perf_counter(), session.progress.tokens, 0
-    try:
-        while stopped_by is None:
-            if not session.replaying and session.progress.epoch >= epochs:
-                stopped_by = "epochs"
-                break
-            if not session.replaying:  # a new epoch (a resumed one keeps its running sums)
-                extra.update(epoch_loss_sum=0.0, epoch_correct=0, epoch_seen=0)
-            for ids, lengths, y in session.epochs(lambda: iter(batches), get_epoch, set_epoch):
-                ids, y = ids.to(device), y.to(device)
-                logits, _ = model(ids)
-                loss = F.cross_entropy(logits, y)
-                applied = session.check_finite(bool(optimizer_step(model, optimizer, loss, clip=t.clip)),
-                                               skip=t.on_nan == "skip")
-                session.advance(int(lengths.sum()))  # real tokens, padding not counted
-                rate_examples += len(y)
-                if applied:
-                    extra["epoch_loss_sum"] += loss.item() * len(y)
-                    extra["epoch_correct"] += (logits.argmax(-1) == y).sum().item()
-                    extra["epoch_seen"] += len(y)
-                step = session.step
-                if step % t.log_every == 0 or step == max_steps:
-                    seen = max(extra["epoch_seen"], 1)
-                    now = time.perf_counter()
-                    span = max(now - rate_since, 1e-9)
-                    record = {"step": step, "time": round(session.elapsed(), 3),
-                              "loss": extra["epoch_loss_sum"] / seen, "accuracy": extra["epoch_correct"] / seen,
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "tokens_per_s": round((session.progress.tokens - rate_tokens) / span, 1),
-                              "examples_per_s": round(rate_examples / span, 1)}
-                    rate_since, rate_tokens, rate_examples = now, session.progress.tokens, 0
-                    log_metrics(record)
-                    reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
-                                      "epoch": step / steps_per_epoch, "example": None})
-                stopped_by = session.stopped_by(max_steps)
-                if stopped_by:
-                    break
-                session.after_step()
-            if extra["evaluated_epoch"] != session.progress.epoch and end_of_epoch():
-                stopped_by = "early stopping"
-    finally:
-        log_metrics.close()
-    test_report = None
-    if len(data.test.labels):
-        best_model = checkpoint.load_checkpoint(out_dir, device=device).model
-        test_report = evaluate_classifier(best_model, data.test, data.labels).report()
-        log_metrics.reopen()
-        log_metrics({"step": session.step, "test_accuracy": test_report["accuracy"], "test_loss": test_report["loss"]})
-        log_metrics.close()
-    seconds = session.elapsed()
-    best = extra["best_val_accuracy"]
-    reporter.on_end({"step": session.step, "tokens": 0, "seconds": seconds, "stopped_by": stopped_by,
-                     "best_val_loss": None, "best_val_accuracy": best,
-                     "test_accuracy": test_report["accuracy"] if test_report else None})
-    return ClassifyResult(epochs=session.progress.epoch, seconds=seconds, best_val_accuracy=best, test=test_report,
-                          stopped_by=stopped_by, history=log_metrics.history)
+    def finish(self, session: Session, stopped_by: str, metrics: MetricsLog) -> tuple[EndEvent, ClassifyResult]:
+        """Score the test split with the best weights."""
+        test_report = None
+        if len(self.data.test.labels):
+            best_model = checkpoint.load_checkpoint(session.out_dir, device=self.device).model
+            test_report = evaluate_classifier(best_model, self.data.test, self.data.labels).report()
+            metrics.reopen()
+            metrics({"step": session.step, "test_accuracy": test_report["accuracy"], "test_loss": test_report["loss"]})
+            metrics.close()
+        seconds, best = session.elapsed(), self.extra["best_val_accuracy"]
+        end = EndEvent(step=session.step, tokens=0, seconds=seconds, stopped_by=stopped_by,
+                       best=("validation accuracy", best) if best is not None else None)
+        return end, ClassifyResult(epochs=session.progress.epoch, seconds=seconds, best_val_accuracy=best,
+                                   test=test_report, stopped_by=stopped_by, history=metrics.history)
+
+    def close(self) -> None:
+        pass
+
+
+def train_classifier(config: RunConfig, data: ClassifyData, *, out_dir: str | Path, reporter: Reporter | None = None,
+                     stop: StopFlag | None = None, resume: Resume | None = None) -> ClassifyResult:
+    """Train for ``train.epochs`` (or until ``max_time``/``max_steps``/early stopping) and keep the best."""
+    return engine.train(ClassifierTask(config, data), out_dir=out_dir, reporter=reporter, stop=stop, resume=resume)
+
+
+def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log=None) -> ClassifierTask:
+    """Read the labelled examples, split them (seeded, stratified) and encode them into the engine task."""
+    from rnnkit.data.classification import read_labelled_source, split_examples
+    from rnnkit.training.runs import same_tokenizer
+
+    if config.data.level == "char":
+        config.data.level = "word"  # texts are classified from their words
+    sets, source = read_labelled_source(config.data, log=log)
+    splits = split_examples(sets, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
+                            seed=config.train.seed)
+    data = prepare_classify_data(config, splits, source=source, log=log)
+    same_tokenizer(data.tokenizer, resume)
+    return ClassifierTask(config, data)
+
+
+def summary(result: ClassifyResult, out: Path) -> list[str]:
+    """Write ``test_metrics.json`` and say where the results are."""
+    if result.test is None:
+        return []
+    (out / "test_metrics.json").write_text(json.dumps(result.test, indent=2) + "\n", encoding="utf-8")
+    return [f"test accuracy {result.test['accuracy']:.4f} on {result.test['examples']} examples "
+            f"(best validation accuracy {result.best_val_accuracy:.4f}); details in {out}/test_metrics.json"]

@@ -13,10 +13,10 @@ epoch of each in turn:
   window edge (truncated backpropagation through time).
 
 Both use the library's own pieces: :func:`~rnnkit.data.batching.make_batcher`,
-:func:`~rnnkit.training.loop.train_step` (which resets or carries and detaches
+:func:`~rnnkit.training.lm.train_step` (which resets or carries and detaches
 the state as the batch says, and clips the global gradient norm to
-``train.clip``), :func:`~rnnkit.training.loop.build_optimizer`,
-:func:`~rnnkit.training.evaluate.evaluate_lm` and
+``train.clip``), :func:`~rnnkit.training.engine.build_optimizer`,
+:func:`~rnnkit.evaluation.evaluate_lm` and
 :func:`~rnnkit.generation.generate_ids`. Every ``every`` epochs (and after
 the last) it reports, for each sampling, the perplexity as d2l prints it, the
 exponential of the mean training loss over that epoch, the validation
@@ -46,11 +46,12 @@ from rnnkit.data.batching import make_batcher
 from rnnkit.data.lm_data import LMData, prepare_lm_data, read_source, split_ids
 from rnnkit.data.tokenizers import build_tokenizer
 from rnnkit.errors import RnnkitError
+from rnnkit.evaluation import evaluate_lm
 from rnnkit.generation import generate_ids
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.runtime import resolve_device, seed_everything, set_threads
-from rnnkit.training.evaluate import evaluate_lm
-from rnnkit.training.loop import build_optimizer, train_step
+from rnnkit.training.engine import build_optimizer
+from rnnkit.training.lm import train_step
 
 SAMPLINGS = ("random", "sequential")
 D2L_PREFIXES = ("分开", "不分开")
@@ -228,26 +229,13 @@ def compare_sampling(
     if data is None:
         data = prepare_data(d, max_chars=max_chars)
     primes = check_prefixes(data, prefixes)  # before any training: a typo should not cost minutes
-    vocab = data.tokenizer.vocab_size
-
-    runs: dict[str, dict[str, Any]] = {}
-    for sampling in SAMPLINGS:
-        seed_everything(t.seed)  # the same initial weights for both
-        model = LanguageModel(config=config.model, vocab_size=vocab).to(device).train()
-        runs[sampling] = {
-            "model": model,
-            "optimizer": build_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay),
-            "batcher": make_batcher(data.train, sampling=sampling, seq_len=d.seq_len, batch_size=d.batch_size,
-                                    target="all", seed=t.seed),
-            "state": None,
-            "seconds": 0.0,
-        }
-    parameters = runs["random"]["model"].num_parameters()
+    runs = {sampling: _SamplingRun(config, data, sampling, device) for sampling in SAMPLINGS}
+    parameters = runs["random"].model.num_parameters()
     _warm_up_optimizer(t.optimizer)
     reporter.on_start({
-        "source": data.source, "vocab_size": vocab, "train_tokens": len(data.train), "val_tokens": len(data.val),
-        "parameters": parameters, "epochs": epochs, "device": str(device),
-        "steps_per_epoch": {s: r["batcher"].steps_per_epoch for s, r in runs.items()},
+        "source": data.source, "vocab_size": data.tokenizer.vocab_size, "train_tokens": len(data.train),
+        "val_tokens": len(data.val), "parameters": parameters, "epochs": epochs, "device": str(device),
+        "steps_per_epoch": {s: r.batcher.steps_per_epoch for s, r in runs.items()},
     })
 
     rows: list[ComparisonRow] = []
@@ -255,41 +243,64 @@ def compare_sampling(
     for epoch in range(1, epochs + 1):
         # One epoch of each in turn, so that both see the same drift in the host's speed.
         for sampling, run in runs.items():
-            model = run["model"]
-            total = torch.zeros((), device=device)
-            count = 0
-            start = time.perf_counter()
-            for batch in run["batcher"].epoch():
-                # train_step starts from zeros when batch.reset (every random batch, the first
-                # sequential one of an epoch), else carries run["state"] detached (TBPTT).
-                out = train_step(model, run["optimizer"], batch, run["state"], clip=t.clip, device=device)
-                run["state"] = out.state
-                total += out.loss * out.count
-                count += out.count
-            mean_loss = (total / count).item()
-            run["seconds"] += time.perf_counter() - start
-            if not math.isfinite(mean_loss):
-                raise RnnkitError(f"{sampling} sampling: the training loss became {mean_loss} in epoch {epoch}; "
-                                  "lower --lr or clip harder (--clip)")
-            perplexity = math.exp(min(mean_loss, 700.0))
-            curves[sampling].append((epoch, perplexity, run["seconds"]))
-            reporter.on_epoch(sampling, epoch, perplexity, run["seconds"])
+            perplexity = run.train_epoch(epoch)
+            curves[sampling].append((epoch, perplexity, run.seconds))
+            reporter.on_epoch(sampling, epoch, perplexity, run.seconds)
             if epoch % every == 0 or epoch == epochs:
                 row = ComparisonRow(epoch=epoch, sampling=sampling, perplexity=perplexity,
-                                    val_perplexity=_val_perplexity(model, data, d), seconds=run["seconds"])
-                for prefix, prime in zip(prefixes, primes, strict=True):
-                    new = generate_ids(model, prime, length=length, temperature=0)[0]  # greedy
-                    row.continuations[prefix] = data.tokenizer.decode(prime + new)
-                model.train()
+                                    val_perplexity=_val_perplexity(run.model, data, d), seconds=run.seconds,
+                                    continuations=run.continuations(prefixes, primes, length))
                 rows.append(row)
                 reporter.on_row(row)
 
-    result = SamplingComparison(rows=rows, curves=curves, source=data.source, vocab_size=vocab,
+    result = SamplingComparison(rows=rows, curves=curves, source=data.source, vocab_size=data.tokenizer.vocab_size,
                                 train_tokens=len(data.train), val_tokens=len(data.val), parameters=parameters)
     if plot_path is not None:
         result.plot_path = plot_perplexity(result, plot_path, title=_title(config))
     reporter.on_end(result)
     return result
+
+
+class _SamplingRun:
+    """One of the two models of the comparison, with its optimizer, batcher, carried state and clock."""
+
+    def __init__(self, config: RunConfig, data: LMData, sampling: str, device: torch.device) -> None:
+        d, t = config.data, config.train
+        seed_everything(t.seed)  # the same initial weights for both
+        self.sampling, self.device, self.data, self.clip = sampling, device, data, t.clip
+        self.model = LanguageModel(config=config.model, vocab_size=data.tokenizer.vocab_size).to(device).train()
+        self.optimizer = build_optimizer(t.optimizer, self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.batcher = make_batcher(data.train, sampling=sampling, seq_len=d.seq_len, batch_size=d.batch_size,
+                                    target="all", seed=t.seed)
+        self.state = None
+        self.seconds = 0.0  # training time so far (evaluation and sampling excluded)
+
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch; returns its perplexity, exp(mean training loss), as d2l reports it."""
+        total = torch.zeros((), device=self.device)
+        count = 0
+        start = time.perf_counter()
+        for batch in self.batcher.epoch():
+            # train_step starts from zeros when batch.reset (every random batch, the first
+            # sequential one of an epoch), else carries self.state detached (TBPTT).
+            out = train_step(self.model, self.optimizer, batch, self.state, clip=self.clip, device=self.device)
+            self.state = out.state
+            total += out.loss * out.count
+            count += out.count
+        mean_loss = (total / count).item()
+        self.seconds += time.perf_counter() - start
+        if not math.isfinite(mean_loss):
+            raise RnnkitError(f"{self.sampling} sampling: the training loss became {mean_loss} in epoch {epoch}; "
+                              "lower --lr or clip harder (--clip)")
+        return math.exp(min(mean_loss, 700.0))
+
+    def continuations(self, prefixes: Sequence[str], primes: list[list[int]], length: int) -> dict[str, str]:
+        """prefix -> prefix + its greedy continuation."""
+        texts = {}
+        for prefix, prime in zip(prefixes, primes, strict=True):
+            new = generate_ids(self.model, prime, length=length, temperature=0)[0]  # greedy
+            texts[prefix] = self.data.tokenizer.decode(prime + new)
+        return texts
 
 
 def _warm_up_optimizer(name: str) -> None:

@@ -1,4 +1,4 @@
-"""Training on the echo task: per-step labelling of a generated series with truncated BPTT.
+"""The echo task: per-step labelling of a generated series with truncated BPTT.
 
 The network is a :class:`~rnnkit.models.language_model.LanguageModel` whose
 vocabulary is the task's symbols: at every step it reads one symbol and
@@ -11,23 +11,19 @@ the steps whose echo lies inside their row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from rnnkit.config import RunConfig
-from rnnkit.data.synthetic import SYMBOL_CHARS, EchoStreams, scored_mask
+from rnnkit.data.synthetic import SYMBOL_CHARS, EchoBatch, streams_for
 from rnnkit.data.tokenizers import CharTokenizer
 from rnnkit.errors import RnnkitError
-from rnnkit.models import eval_mode
-from rnnkit.models.language_model import LanguageModel
-from rnnkit.training.loop import Reporter, Running, TrainResult, build_optimizer, prepare_run, session_step, step_budget
-from rnnkit.training.session import Resume, Session, StopFlag, numpy_rng_accessors
+from rnnkit.evaluation import evaluate_echo
+from rnnkit.training import engine
+from rnnkit.training.engine import Forward, Validation
+from rnnkit.training.events import EndEvent, Reporter, StartEvent
+from rnnkit.training.lm import Running, TrainResult, WindowTask
+from rnnkit.training.session import MetricsLog, Resume, Session, StopFlag, numpy_rng_accessors
 
-TASK = "echo"
 VALIDATION_SEED_OFFSET = 1_000_003  # the held-out series never equals a training one
 
 
@@ -36,142 +32,103 @@ def echo_tokenizer(symbols: int) -> CharTokenizer:
     return CharTokenizer(chars=list(SYMBOL_CHARS[:symbols]))
 
 
-def streams_for(config: RunConfig, *, seed: int) -> EchoStreams:
-    d = config.data
-    return EchoStreams(series_length=d.series_length, echo_step=d.echo_step, symbols=d.symbols,
-                       batch_size=d.batch_size, bptt=d.seq_len, seed=seed)
+class EchoTask(WindowTask):
+    name = "echo"
 
+    def __init__(self, config: RunConfig, *, warn=None) -> None:
+        d, t = config.data, config.train
+        self.tokenizer = echo_tokenizer(d.symbols)
+        self.streams = streams_for(config, seed=t.seed)
+        self.val_streams = streams_for(config, seed=t.seed + VALIDATION_SEED_OFFSET)
+        self.val_series = self.val_streams.series()
+        super().__init__(config, vocab_size=d.symbols, tokens_per_step=d.batch_size * d.seq_len,
+                         steps_per_epoch=self.streams.steps_per_epoch)
+        self.counters = dict.fromkeys(("best_val_loss", "best_val_accuracy", "val_loss", "train_loss",
+                                       "train_accuracy"))
+        self.warn = warn
+        self.live = None
+        self.title = (f"echo: {config.model.cell.upper()} {config.model.layers}x{config.model.hidden}, "
+                      f"{d.symbols} symbols, echo {d.echo_step}, window {d.seq_len}, batch {d.batch_size}")
 
-@dataclass
-class EchoEvaluation:
-    loss: float  # mean cross-entropy over the scored steps
-    accuracy: float  # fraction of scored steps predicted right
-    scored: int  # how many steps were scored
-    x: torch.Tensor  # (B, T) the last window's inputs, targets and predictions, for the figure
-    y: torch.Tensor
-    predicted: torch.Tensor
-    offset: int  # the last window's first column
+    def setup(self, session: Session) -> None:
+        super().setup(session)
+        t = self.config.train
+        if t.live_plot:
+            from rnnkit.plots import LivePlot
 
+            self.live = LivePlot(t.live_plot, symbols=self.config.data.symbols, show=t.show, warn=self.warn)
 
-@torch.no_grad()
-def evaluate_echo(model: nn.Module, streams: EchoStreams, series: tuple[torch.Tensor, torch.Tensor], *,
-                  device: torch.device) -> EchoEvaluation:
-    """Run ``model`` over ``series`` window by window with carried state, as in training."""
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    scored = 0
-    state = None
-    with eval_mode(model):
-        for batch in streams.windows(*series):
-            x, y = batch.x.to(device), batch.y.to(device)
-            logits, state = model(x, None if batch.reset else state)
-            mask = scored_mask(batch, streams.echo_step).to(device)
-            predicted = logits.argmax(-1)
-            loss_sum += F.cross_entropy(logits[mask], y[mask], reduction="sum")
-            correct += (predicted == y)[mask].sum()
-            scored += int(mask.sum())
-    if scored == 0:
-        raise RnnkitError(f"no step of the series lies more than --echo-step {streams.echo_step} steps into its "
-                          "row; use a longer --series-length")
-    return EchoEvaluation(loss=loss_sum.item() / scored, accuracy=correct.item() / scored, scored=scored,
-                          x=batch.x, y=batch.y, predicted=predicted.cpu(), offset=batch.offset)
+    def begin(self, session: Session, metrics: MetricsLog, out_dir: Path) -> StartEvent:
+        d = self.config.data
+        # (steps, loss) of the progress records, for the live figure's loss curve.
+        self.losses = ([r["step"] for r in metrics.history if "loss" in r],
+                       [r["loss"] for r in metrics.history if "loss" in r])
+        self.running = Running(self.device)
+        return StartEvent(device=str(self.device), parameters=self.model.num_parameters(), vocab_size=d.symbols,
+                          train_size=d.series_length, val_size=d.series_length, unit="steps per series",
+                          steps_per_epoch=self.steps_per_epoch, max_steps=self.max_steps,
+                          max_time=self.config.train.max_time, from_cache=False,
+                          source=f"echo task ({d.symbols} symbols, echo after {d.echo_step} steps, window {d.seq_len})",
+                          resumed_at=session.step if session.resumed else None)
+
+    def epoch(self):
+        return (self.streams.epoch, *numpy_rng_accessors(self.streams.rng))
+
+    def progress(self, session: Session, lr: float):
+        record, rate, unit = super().progress(session, lr)
+        self.losses[0].append(record["step"])
+        self.losses[1].append(record["loss"])
+        return record, rate, unit
+
+    def after_step(self, session: Session, batch: EchoBatch, forward: Forward) -> None:
+        step = session.step
+        out = self._last
+        if self.live is not None and step % self.config.train.plot_every == 0 and out.predictions is not None:
+            self.live.update(losses=self.losses, x=batch.x.numpy(), y=batch.y.numpy(),
+                             predicted=out.predictions.cpu().numpy(), offset=batch.offset,
+                             title=f"{self.title} — step {step}, epoch {step / self.steps_per_epoch:.1f}")
+
+    def validate(self, session: Session) -> Validation:
+        extra = session.progress.extra
+        result = evaluate_echo(self.model, self.val_streams, self.val_series, device=self.device)
+        extra["val_loss"] = result.loss
+        improved = extra["best_val_loss"] is None or result.loss < extra["best_val_loss"]
+        if improved:
+            extra["best_val_loss"], extra["best_val_accuracy"] = result.loss, result.accuracy
+        record = {**self.base_record(session), "val_loss": result.loss, "val_accuracy": result.accuracy,
+                  "val_scored": result.scored}
+        summary = f"validation loss {result.loss:.4f}  accuracy {result.accuracy:.4f}  lr {record['lr']:.3g}"
+        return Validation(record=record, improved=improved, headline=f"step {session.step}", summary=summary,
+                          plateau_loss=result.loss)
+
+    def finish(self, session: Session, stopped_by: str, metrics: MetricsLog) -> tuple[EndEvent, TrainResult]:
+        extra = session.progress.extra
+        best = (("validation accuracy", extra["best_val_accuracy"]) if extra["best_val_accuracy"] is not None else
+                ("validation loss", extra["best_val_loss"]) if extra["best_val_loss"] is not None else None)
+        end = EndEvent(step=session.step, tokens=session.progress.tokens, seconds=session.elapsed(),
+                       stopped_by=stopped_by, best=best)
+        return end, self.result(session, stopped_by, metrics)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
 
 
 def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | None = None,
                stop: StopFlag | None = None, resume: Resume | None = None) -> TrainResult:
     """Train on the echo task as ``config`` says, writing checkpoints and metrics to ``out_dir``."""
-    reporter = reporter or Reporter()
-    out_dir = Path(out_dir)
-    d, t = config.data, config.train
-    device = prepare_run(config)
+    task = EchoTask(config, warn=getattr(reporter, "print", None))
+    return engine.train(task, out_dir=out_dir, reporter=reporter, stop=stop, resume=resume)
 
-    tokenizer = echo_tokenizer(d.symbols)
-    model = LanguageModel(config=config.model, vocab_size=d.symbols).to(device)
-    optimizer = build_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=t.lr_decay, patience=t.lr_patience)
-    streams = streams_for(config, seed=t.seed)
-    val_streams = streams_for(config, seed=t.seed + VALIDATION_SEED_OFFSET)
-    val_series = val_streams.series()
-    steps_per_epoch = streams.steps_per_epoch
-    max_steps = step_budget(t, steps_per_epoch)
-    tokens_per_step = d.batch_size * d.seq_len
-    session = Session(config=config, out_dir=out_dir, task=TASK, model=model, optimizer=optimizer,
-                      tokenizer=tokenizer, scheduler=scheduler, stop=stop, resume=resume, on_save=reporter.on_save)
-    session.refuse_if_finished(session.stopped_by(max_steps))
-    extra = session.progress.extra
-    for key in ("best_val_loss", "best_val_accuracy", "val_loss", "train_loss", "train_accuracy"):
-        extra.setdefault(key, None)
-    live = None
-    if t.live_plot:
-        from rnnkit.plots import LivePlot
 
-        live = LivePlot(t.live_plot, symbols=d.symbols, show=t.show, warn=getattr(reporter, "print", None))
+def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log=None) -> EchoTask:
+    if config.data.text or config.data.corpus:
+        raise RnnkitError("--task echo generates its own series; drop --text/--corpus "
+                          "(shape it with --series-length, --echo-step, --symbols)")
+    return EchoTask(config, warn=log)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_metrics = session.open_metrics()
-    reporter.on_start({
-        "device": str(device), "parameters": model.num_parameters(), "vocab_size": d.symbols,
-        "train_tokens": d.series_length, "val_tokens": d.series_length, "steps_per_epoch": steps_per_epoch,
-        "max_steps": max_steps, "max_time": t.max_time, "from_cache": False, "unit": "steps per series",
-        "source": f"echo task ({d.symbols} symbols, echo after {d.echo_step} steps, window {d.seq_len})",
-        "resumed_at": session.step if session.resumed else None,
-    })
-    # (steps, loss) of the progress records, for the live figure's loss curve.
-    losses = ([r["step"] for r in log_metrics.history if "loss" in r],
-              [r["loss"] for r in log_metrics.history if "loss" in r])
-    running = Running(device)
-    stopped_by = session.stopped_by(max_steps)
-    title = (f"echo: {config.model.cell.upper()} {config.model.layers}x{config.model.hidden}, "
-             f"{d.symbols} symbols, echo {d.echo_step}, window {d.seq_len}, batch {d.batch_size}")
 
-    def evaluate_and_save() -> None:
-        result = evaluate_echo(model, val_streams, val_series, device=device)
-        extra["val_loss"] = result.loss
-        improved = extra["best_val_loss"] is None or result.loss < extra["best_val_loss"]
-        if improved:
-            extra["best_val_loss"], extra["best_val_accuracy"] = result.loss, result.accuracy
-        scheduler.step(result.loss)
-        record = {"step": session.step, "time": round(session.elapsed(), 3), "lr": optimizer.param_groups[0]["lr"],
-                  "val_loss": result.loss, "val_accuracy": result.accuracy, "val_scored": result.scored}
-        reporter.on_eval({**record, "improved": improved})
-        log_metrics(record)
-        session.save(("best", "last") if improved else ("last",))
-
-    model.train()
-    try:
-        while stopped_by is None:
-            for batch in session.epochs(streams.epoch, *numpy_rng_accessors(streams.rng)):
-                # A new series starts with batch.reset: train_step then starts from zeros;
-                # otherwise it carries the previous window's state, detached (truncated BPTT).
-                out = session_step(session, model, optimizer, batch, running, clip=t.clip, on_nan=t.on_nan,
-                                   device=device, tokens=tokens_per_step)
-                step = session.step
-                if step % t.log_every == 0 or step == max_steps:
-                    record = running.record(step, session.elapsed(), optimizer.param_groups[0]["lr"])
-                    extra["train_loss"], extra["train_accuracy"] = record["loss"], record["accuracy"]
-                    log_metrics(record)
-                    losses[0].append(step)
-                    losses[1].append(record["loss"])
-                    reporter.on_step({**record, "max_steps": max_steps, "max_time": t.max_time,
-                                      "epoch": step / steps_per_epoch, "example": None})
-                if live is not None and step % t.plot_every == 0 and out.predictions is not None:
-                    live.update(losses=losses, x=batch.x.numpy(), y=batch.y.numpy(),
-                                predicted=out.predictions.cpu().numpy(), offset=batch.offset,
-                                title=f"{title} — step {step}, epoch {step / steps_per_epoch:.1f}")
-                stopped_by = session.stopped_by(max_steps)
-                if stopped_by or step % t.eval_every == 0:
-                    evaluate_and_save()
-                if stopped_by:
-                    break
-                session.after_step()
-    finally:
-        log_metrics.close()
-        if live is not None:
-            live.close()
-    seconds = session.elapsed()
-    reporter.on_end({"step": session.step, "tokens": session.progress.tokens, "seconds": seconds, **extra,
-                     "stopped_by": stopped_by})
-    return TrainResult(steps=session.step, tokens=session.progress.tokens, seconds=seconds,
-                       best_val_loss=extra["best_val_loss"], last_val_loss=extra["val_loss"],
-                       train_loss=extra["train_loss"], stopped_by=stopped_by, train_accuracy=extra["train_accuracy"],
-                       history=log_metrics.history)
+def summary(result: TrainResult, out: Path) -> list[str]:
+    best = result.history and max((r.get("val_accuracy", 0.0) for r in result.history), default=0.0)
+    return [f"checkpoints in {out}/checkpoints (best validation accuracy {best:.4f}); "
+            f"draw the run with `rnnkit plot {out}`"]

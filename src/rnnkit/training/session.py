@@ -1,9 +1,9 @@
 """What every training loop shares: counters, checkpoints with trainer state, exact resume, stopping.
 
-A :class:`Session` keeps the bookkeeping out of the visible training loops
-(language model, classifier, echo): the step and token counters, the wall
-clock across resumed segments, ``metrics.jsonl``, periodic checkpoints, the
-stop requests sent by signals, and the non-finite-loss guard.
+A :class:`Session` keeps the bookkeeping beside the engine's loop
+(:mod:`rnnkit.training.engine`): the step and token counters, the wall clock
+across resumed segments, ``metrics.jsonl``, periodic checkpoints, the stop
+requests sent by signals, and the count of non-finite steps.
 
 Every checkpoint it writes carries, beside the weights, the *trainer state*:
 ``trainer.safetensors`` (optimizer tensors, torch RNG states, the carried
@@ -19,7 +19,6 @@ identical.
 from __future__ import annotations
 
 import json
-import math
 import random
 import signal
 import threading
@@ -459,22 +458,3 @@ def numpy_rng_accessors(rng: np.random.Generator) -> tuple[Callable[[], dict[str
 def no_data_state() -> tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]]:
     """For batchers whose epochs are always the same (sequential streams)."""
     return dict, lambda state: None
-
-
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, *,
-                   clip: float) -> torch.Tensor:
-    """Backward, clip the global gradient norm, and step only if loss and gradient are finite.
-
-    Returns a () bool tensor: whether the update was applied. The gradient norm
-    is computed even without clipping (an infinite limit scales by exactly 1),
-    because a NaN gradient must never reach the weights.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf, foreach=True)
-    finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
-    if bool(finite):
-        optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    return finite
