@@ -205,9 +205,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- corpora
-
-
 def cmd_corpora(args: argparse.Namespace) -> int:
     from rnnkit.console import stderr
     from rnnkit.data import corpora
@@ -241,13 +238,27 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _recipe_args(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--config", metavar="TOML", help="read every option from a TOML recipe (flags override it)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help=f"override any config key, e.g. --set {example} (repeatable)")
+
+
+def _checkpoint_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+
+
+def _runtime_args(parser: argparse.ArgumentParser, *, device: str) -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=device,
+                        help=f"where to run (default: {device})")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+
+
 def _train_parser(sub) -> None:
     train = sub.add_parser("train", help="train a model on a text file, folder or named corpus",
                            description="Train a language model. Options come from defaults, then --config, "
                                        "then --set, then the flags given.")
-    train.add_argument("--config", metavar="TOML", help="read every option from a TOML recipe (flags override it)")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override any config key, e.g. --set train.eval_every=100 (repeatable)")
+    _recipe_args(train, "train.eval_every=100")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a stopped or killed run from its last checkpoint, exactly as if it had not "
@@ -268,9 +279,7 @@ def _compare_sampling_parser(sub) -> None:
                     "the validation perplexity, the training time and greedy continuations of "
                     "--sample-prefixes. Options come from defaults, then --config, then --set, then the flags.",
     )
-    cmp.add_argument("--config", metavar="TOML", help="read every option from a TOML recipe (flags override it)")
-    cmp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override any config key, e.g. --set train.lr=50 (repeatable)")
+    _recipe_args(cmp, "train.lr=50")
     cmp.add_argument("--every", type=int, default=50, metavar="K",
                      help="report (and sample) every K epochs, and after the last (default: 50)")
     cmp.add_argument("--max-chars", type=int, default=10_000, metavar="N",
@@ -287,7 +296,7 @@ def _compare_sampling_parser(sub) -> None:
 def _generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate text from a checkpoint",
                          description="Prime the model once with --prime, then sample one token per step.")
-    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    _checkpoint_arg(gen)
     gen.add_argument("--prime", metavar="TEXT", help="text to start from (default: a newline)")
     gen.add_argument("--length", type=int, default=500, help="tokens to generate (default: 500)")
     gen.add_argument("--temperature", type=float, nargs="+", default=[0.8], metavar="T",
@@ -300,14 +309,13 @@ def _generate_parser(sub) -> None:
                      help="prime pieces the model never saw: error, skip them, or map them to <unk> "
                           "(default: error for characters, unk for words)")
     gen.add_argument("--continuation-only", action="store_true", help="print only the new text, not the prime")
-    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
-    gen.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    _runtime_args(gen, device="cpu")
     gen.set_defaults(func=cmd_generate)
 
 
 def _eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="loss, perplexity and bits per char of a checkpoint on a text")
-    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    _checkpoint_arg(ev)
     ev.add_argument("--text", metavar="PATH", help="a text file or folder to evaluate on")
     ev.add_argument("--corpus", metavar="NAME", help="a named corpus to evaluate on")
     ev.add_argument("--data", metavar="PATH", help="labelled TSV/CSV or folder (classifiers); same as --text")
@@ -322,8 +330,7 @@ def _eval_parser(sub) -> None:
                          "(default: error for characters, unk for words)")
     ev.add_argument("--batch-size", type=int, default=0, help="parallel streams (default: the training batch size)")
     ev.add_argument("--seq-len", type=int, default=0, help="window length (default: the training one)")
-    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
-    ev.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    _runtime_args(ev, device="auto")
     ev.add_argument("--seed", type=int, default=0, help="echo checkpoints: seed of the fresh series (default: 0)")
     ev.set_defaults(func=cmd_eval)
 
@@ -331,13 +338,12 @@ def _eval_parser(sub) -> None:
 def _classify_parser(sub) -> None:
     cls = sub.add_parser("classify", help="label texts with a classifier checkpoint")
     cls.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
-    cls.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    _checkpoint_arg(cls)
     cls.add_argument("--file", metavar="PATH", help="classify one text per line, or a TSV/CSV's text column; "
                                                     "prints label<TAB>probability<TAB>text")
     cls.add_argument("--text-column", default="text", help="text column of a TSV/CSV --file (default: text)")
     cls.add_argument("--all", action="store_true", help="also show every class's probability")
-    cls.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
-    cls.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    _runtime_args(cls, device="cpu")
     cls.set_defaults(func=cmd_classify)
 
 
@@ -357,7 +363,7 @@ def _plot_parser(sub) -> None:
 
 def _vocab_parser(sub) -> None:
     voc = sub.add_parser("vocab", help="show a checkpoint's vocabulary with how often each token occurs")
-    voc.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
+    _checkpoint_arg(voc)
     voc.add_argument("--top", type=int, default=50, help="show this many tokens (0: all; default: 50)")
     voc.add_argument("--sort", choices=["count", "id"], default="count", help="order (default: by count)")
     voc.add_argument("--json", action="store_true", help="print one JSON object")

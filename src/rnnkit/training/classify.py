@@ -55,8 +55,8 @@ def prepare_classify_data(
     train, val, test = splits
     labels = build_label_index(train)
     d = config.data
-    if d.level == "char":
-        raise RnnkitError("classification reads words: use --level word (or bpe)")
+    if d.level == "char":  # validate(config) maps char to word; an unchecked config may still say char
+        raise RnnkitError("classification reads words: data.level must be word or bpe")
     tokenizer = build_tokenizer(d, "\n".join(e.text for e in train))
     encode = dict(tokenizer=tokenizer, labels=labels, max_len=d.max_len, truncate=d.truncate, log=log)
     data = ClassifyData(
@@ -248,8 +248,6 @@ def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log
     from rnnkit.data.classification import read_labelled_source, split_examples
     from rnnkit.training.runs import same_tokenizer
 
-    if config.data.level == "char":
-        config.data.level = "word"  # texts are classified from their words
     sets, source = read_labelled_source(config.data, log=log)
     splits = split_examples(sets, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
                             seed=config.train.seed)

@@ -187,9 +187,17 @@ def check_prefixes(data: LMData, prefixes: Sequence[str]) -> list[list[int]]:
     return encoded
 
 
-def _whole_epochs(epochs: float) -> int:
+def _check(config: RunConfig, *, every: int, length: int) -> int:
+    """Refuse what the comparison cannot run; return its number of epochs."""
+    epochs = config.train.epochs
     if epochs <= 0 or not float(epochs).is_integer():
         raise RnnkitError(f"the comparison needs a whole number of epochs (train.epochs / --epochs), got {epochs:g}")
+    if every < 1:
+        raise RnnkitError(f"every must be >= 1 epoch, got {every}")
+    if length < 0:
+        raise RnnkitError(f"the continuation length must be >= 0, got {length}")
+    if config.data.target != "all":
+        raise RnnkitError("the sampling comparison trains on every next token; use target 'all' (no --window)")
     return int(epochs)
 
 
@@ -217,13 +225,7 @@ def compare_sampling(
     d, t = config.data, config.train
     prefixes = list(prefixes if prefixes is not None else (t.sample_prefixes or D2L_PREFIXES))
     length = t.sample_length if length is None else length
-    epochs = _whole_epochs(t.epochs)
-    if every < 1:
-        raise RnnkitError(f"every must be >= 1 epoch, got {every}")
-    if length < 0:
-        raise RnnkitError(f"the continuation length must be >= 0, got {length}")
-    if d.target != "all":
-        raise RnnkitError("the sampling comparison trains on every next token; use target 'all' (no --window)")
+    epochs = _check(config, every=every, length=length)
     set_threads(t.threads)
     device = resolve_device(t.device)
     if data is None:
