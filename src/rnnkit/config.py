@@ -126,6 +126,12 @@ class TrainConfig:
     sample_temperature: float = knob(0.8, "temperature of training-time samples")
     save_every: int = knob(0, "also save a checkpoint every N steps (0: only at evaluations and the end)")
     save_every_seconds: float = knob(600.0, "also save a checkpoint after this many seconds without one (0: off)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = knob(
+        "auto", "arithmetic of the forward pass (torch.autocast): auto is bf16 on a CUDA GPU that has it, else fp32; "
+                "fp16 needs CUDA and uses a gradient scaler; weights and checkpoints stay fp32"
+    )
+    grad_accum: int = knob(1, "micro-batches per optimizer step: each process's share of --batch-size is cut into "
+                              "this many (the same update in less memory)")
     on_nan: Literal["stop", "skip"] = knob(
         "stop", "a NaN/inf loss or gradient: stop the run (keeping the last good checkpoint), or skip the batch"
     )
@@ -447,6 +453,8 @@ def validate(config: RunConfig) -> None:
         raise RnnkitError(f"'data.symbols' must be between 2 and 36, got {d.symbols}")
     if t.live_plot is not None and not t.live_plot.lower().endswith(".png"):
         raise RnnkitError(f"--live-plot writes a PNG; give a file name ending in .png, got {t.live_plot}")
+    if t.grad_accum < 1:
+        raise RnnkitError(f"'train.grad_accum' must be at least 1, got {t.grad_accum}")
     if d.min_freq < 1:
         raise RnnkitError(f"'data.min_freq' must be at least 1, got {d.min_freq}")
     if not t.lr > 0:

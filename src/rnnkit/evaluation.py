@@ -21,6 +21,7 @@ from rnnkit.data.synthetic import EchoStreams, scored_mask
 from rnnkit.errors import RnnkitError
 from rnnkit.inference import predict_proba
 from rnnkit.models import eval_mode
+from rnnkit.runtime import SINGLE, Distributed, rank_rows
 
 # ------------------------------------------------------------------ language models
 
@@ -48,6 +49,7 @@ def evaluate_lm(
     seq_len: int,
     max_tokens: int = 0,
     window: int = 0,
+    group: Distributed = SINGLE,
 ) -> tuple[float, int, float]:
     """Mean next-token cross-entropy (nats) over ``ids``, the number of tokens scored, and accuracy.
 
@@ -56,21 +58,23 @@ def evaluate_lm(
     before it in its stream (as in training with sequential sampling).
     With ``window`` N (a many-to-one model) each token from the N-th on is
     scored from the N tokens before it and a zero state, as the model was trained.
+    In a process group each rank scores its share of the streams (or windows) and the
+    sums are added up, so every rank gets the same figures.
     """
     if max_tokens and len(ids) > max_tokens + 1:
         ids = ids[: max_tokens + 1]
     if window:
-        return _evaluate_windows(model, ids, window=window, batch_size=max(batch_size, 256))
+        return _evaluate_windows(model, ids, window=window, batch_size=max(batch_size, 256), group=group)
     if len(ids) < 2:
         raise RnnkitError(f"need at least 2 tokens to evaluate, got {len(ids)}")
     streams = max(1, min(batch_size, (len(ids) - 1) // seq_len))
     stream_len = (len(ids) - 1) // streams
     device = next(model.parameters()).device
     data = torch.from_numpy(ids[: streams * stream_len + 1].astype(np.int64))
-    starts = torch.arange(streams) * stream_len
+    starts = (torch.arange(streams) * stream_len)[rank_rows(streams, group)]
     total, count, correct, state = 0.0, 0, 0, None
     with eval_mode(model):
-        for k in range(0, stream_len, seq_len):
+        for k in range(0, stream_len if len(starts) else 0, seq_len):
             t = min(seq_len, stream_len - k)
             index = starts[:, None] + k + torch.arange(t + 1)  # (B, t+1)
             chunk = data[index].to(device)
@@ -79,15 +83,28 @@ def evaluate_lm(
             total += loss.item()
             count += chunk[:, 1:].numel()
             correct += (logits.argmax(-1) == chunk[:, 1:]).sum().item()
+    total, count, correct = _sum_over_ranks(group, total, count, correct)
     return total / count, count, correct / count
 
 
+def _sum_over_ranks(group: Distributed, *values: float) -> tuple[float, ...]:
+    if not group.active:
+        return values
+    import torch.distributed as dist
+
+    sums = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(sums)
+    return tuple(v.item() if isinstance(x, float) else int(v.item()) for v, x in zip(sums, values, strict=True))
+
+
 @torch.inference_mode()
-def _evaluate_windows(model: nn.Module, ids: np.ndarray, *, window: int, batch_size: int) -> tuple[float, int, float]:
+def _evaluate_windows(model: nn.Module, ids: np.ndarray, *, window: int, batch_size: int,
+                      group: Distributed = SINGLE) -> tuple[float, int, float]:
     if len(ids) < window + 1:
         raise RnnkitError(f"need at least {window + 1} tokens to evaluate a {window}-token window model, got {len(ids)}")
     device = next(model.parameters()).device
-    rows = np.lib.stride_tricks.sliding_window_view(ids, window + 1)  # (M, N+1), a view: no copy
+    every = np.lib.stride_tricks.sliding_window_view(ids, window + 1)  # (M, N+1), a view: no copy
+    rows = every[rank_rows(len(every), group)]
     total, correct = 0.0, 0
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
@@ -95,7 +112,8 @@ def _evaluate_windows(model: nn.Module, ids: np.ndarray, *, window: int, batch_s
             logits, _ = model(chunk[:, :-1])
             total += F.cross_entropy(logits[:, -1].float(), chunk[:, -1], reduction="sum").item()
             correct += (logits[:, -1].argmax(-1) == chunk[:, -1]).sum().item()
-    return total / len(rows), len(rows), correct / len(rows)
+    total, correct = _sum_over_ranks(group, total, correct)
+    return total / len(every), len(every), correct / len(every)
 
 
 # ------------------------------------------------------------------ classifiers

@@ -1,9 +1,10 @@
-"""Process-level settings shared by every command: device choice, threads, seeding."""
+"""Process-level settings shared by every command: device choice, threads, seeding, the process group."""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,3 +50,89 @@ def exact_cpu_math() -> None:
     user's own ``MKL_CBWR`` wins.
     """
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
+# ------------------------------------------------------------------ several processes (torchrun)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel group (one process alone: rank 0 of 1).
+
+    ``torchrun`` describes the group in the environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); :func:`init_distributed` reads it.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes files and prints."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+SINGLE = Distributed()
+_CURRENT: list[Distributed] = [SINGLE]
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this worker after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def init_distributed(device: str = "auto") -> Distributed:
+    """Join the process group torchrun started (gloo on CPU, nccl on CUDA); alone, do nothing.
+
+    Called once per process; later calls return the same group.
+    """
+    if _CURRENT[0].active or "WORLD_SIZE" not in os.environ:
+        return _CURRENT[0]
+    try:
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise RnnkitError("WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers (torchrun sets them)") from None
+    if world <= 1:
+        return _CURRENT[0]
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise RnnkitError(f"WORLD_SIZE is {world} but {' and '.join(missing)} is not set: start the processes with "
+                          "torchrun (e.g. torchrun --nproc-per-node 2 -m rnnkit train ...)")
+    import datetime
+
+    import torch.distributed as dist
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(seconds=float(os.environ.get("RNNKIT_DIST_TIMEOUT", "300")))
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RnnkitError(f"could not join the process group at {os.environ['MASTER_ADDR']}:"
+                          f"{os.environ['MASTER_PORT']} (rank {rank} of {world}): {first}") from None
+    _CURRENT[0] = Distributed(rank=rank, world=world, local_rank=local_rank)
+    return _CURRENT[0]
+
+
+def distributed() -> Distributed:
+    """The group this process belongs to (rank 0 of 1 unless :func:`init_distributed` joined one)."""
+    return _CURRENT[0]
+
+
+def rank_rows(total: int, group: Distributed) -> slice:
+    """This rank's contiguous share of ``total`` rows (streams, windows or examples)."""
+    return slice(total * group.rank // group.world, total * (group.rank + 1) // group.world)

@@ -53,7 +53,7 @@ class EchoTask(WindowTask):
     def setup(self, session: Session) -> None:
         super().setup(session)
         t = self.config.train
-        if t.live_plot:
+        if t.live_plot and session.group.main:
             from rnnkit.plots import LivePlot
 
             self.live = LivePlot(t.live_plot, symbols=self.config.data.symbols, show=t.show, warn=self.warn)

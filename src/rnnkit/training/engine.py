@@ -17,6 +17,8 @@ a learning-rate schedule beside the plateau decay.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from rnnkit.config import RunConfig
 from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.models.recurrent import State, detach_state
-from rnnkit.runtime import resolve_device, seed_everything, set_threads
+from rnnkit.runtime import SINGLE, Distributed, distributed, rank_rows, resolve_device, seed_everything, set_threads
 from rnnkit.training.events import EndEvent, EvalEvent, Reporter, SampleEvent, SaveEvent, StartEvent, StepEvent
 from rnnkit.training.session import MetricsLog, Resume, Session, StopFlag
 
@@ -45,11 +47,13 @@ def build_optimizer(name: str, params, *, lr: float, weight_decay: float) -> tor
 
 
 def prepare_run(config: RunConfig) -> torch.device:
-    """Threads, seeds and device for a training run of any task."""
+    """Threads, seeds and device for a training run of any task (every rank seeds alike: same initial weights)."""
     t = config.train
     set_threads(t.threads)
     seed_everything(t.seed)
-    return resolve_device(t.device)
+    device = resolve_device(t.device)
+    autocast_dtype(t.precision, device)  # refuse fp16 without CUDA before anything is built
+    return device
 
 
 def step_budget(t, steps_per_epoch: int) -> int:
@@ -69,30 +73,155 @@ class Forward:
 
     loss: torch.Tensor  # () the mean loss to backpropagate
     state: State | None = None  # the recurrent state to carry into the next batch (None: nothing to carry)
-    outputs: Any = None  # whatever the task's metrics need (logits, targets, ...)
+    outputs: tuple[torch.Tensor, ...] = ()  # per-row results the task's metrics need (predictions, targets)
 
 
 LossFn = Callable[[nn.Module, Any, "State | None", torch.device], Forward]
 
 
+def batch_rows(batch: Any) -> int:
+    """How many rows (sequences, texts) a batch holds: the first dimension of its first tensor."""
+    return next(v for v in _fields(batch).values() if isinstance(v, torch.Tensor)).shape[0]
+
+
+def slice_rows(batch: Any, rows: slice) -> Any:
+    """The same batch with only ``rows`` of each of its (B, ...) tensors."""
+    fields = {k: v[rows] for k, v in _fields(batch).items() if isinstance(v, torch.Tensor)}
+    return dataclasses.replace(batch, **fields) if dataclasses.is_dataclass(batch) else batch._replace(**fields)
+
+
+def _fields(batch: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(batch):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return batch._asdict()  # a NamedTuple
+
+
+class Plan:
+    """How one optimizer step is computed: precision, this rank's share of the batch, micro-batches.
+
+    ``--batch-size`` is the global batch. Every rank draws the same batch and takes
+    its contiguous share of the rows; ``--grad-accum`` cuts that share into
+    micro-batches. Each micro-batch's mean loss is weighted by its share of the
+    global batch, so the summed gradient is the global batch's mean gradient on
+    any number of ranks and micro-batches, and the all-reduce is a plain sum.
+    """
+
+    def __init__(self, *, precision: str, accum: int, device: torch.device, group: Distributed) -> None:
+        self.group, self.accum, self.device = group, accum, device
+        self.dtype = autocast_dtype(precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype is torch.float16 else None
+
+    @property
+    def simple(self) -> bool:
+        return not self.group.active and self.accum == 1
+
+    def parts(self, batch: Any) -> list[tuple[Any, slice, float]]:
+        """``(micro-batch, its rows within this rank's share, its weight)``; empty micro-batches left out."""
+        if self.simple:
+            return [(batch, slice(None), 1.0)]
+        total = batch_rows(batch)
+        mine = rank_rows(total, self.group)
+        size = mine.stop - mine.start
+        parts = []
+        for k in range(self.accum):
+            lo, hi = size * k // self.accum, size * (k + 1) // self.accum
+            if hi > lo:
+                parts.append((slice_rows(batch, slice(mine.start + lo, mine.start + hi)), slice(lo, hi),
+                              (hi - lo) / total))
+        return parts
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def all_reduce(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        """Sum the gradients and the loss over the ranks, in one message; returns the global loss."""
+        if not self.group.active:
+            return loss
+        import torch.distributed as dist
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return flat[-1]
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skips the update if the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``--precision`` asks for on ``device`` (None: plain fp32)."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    if precision == "fp16" and device.type != "cuda":
+        raise RnnkitError("--precision fp16 needs a CUDA GPU (its gradient scaler is CUDA-only); "
+                          "use bf16 or fp32 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+SIMPLE_PLAN = Plan(precision="fp32", accum=1, device=torch.device("cpu"), group=SINGLE)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, carry: State | None, *,
-               loss_fn: LossFn, clip: float, device: torch.device) -> tuple[Forward, bool]:
+               loss_fn: LossFn, clip: float, device: torch.device, plan: Plan = SIMPLE_PLAN) -> tuple[Forward, bool]:
     """One optimizer step on one batch; returns the forward pass and whether the update was applied."""
     # Random windows (batch.reset) start from zeros; sequential windows continue the previous
     # batch's streams, so carry its state but cut the graph behind it (truncated BPTT).
     state = None if batch.reset else detach_state(carry)
-    forward = loss_fn(model, batch, state, device)  # seam: autocast goes around the forward
     optimizer.zero_grad(set_to_none=True)
-    forward.loss.backward()  # seam: gradient accumulation and DDP's all-reduce
+    forwards = []
+    for part, rows, weight in plan.parts(batch):
+        with plan.autocast():
+            forward = loss_fn(model, part, _rows(state, rows), device)
+        plan.backward(forward.loss if weight == 1.0 else forward.loss * weight)
+        forwards.append((forward, weight))
+    forward = _merge(forwards, device)
+    forward.loss = plan.all_reduce(model, forward.loss)  # several ranks: gradients and loss summed
+    if plan.scaler is not None:
+        plan.scaler.unscale_(optimizer)  # clip the true gradients
     # The norm is computed even without clipping (an infinite limit scales by exactly 1):
     # a NaN gradient must never reach the weights.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf, foreach=True)
-    applied = bool(torch.isfinite(forward.loss.detach()) & torch.isfinite(norm))
+    # fp16: an overflowing gradient is the scaler's business (it skips the step and lowers its scale).
+    applied = bool(torch.isfinite(forward.loss) & (torch.isfinite(norm) | (plan.scaler is not None)))
     if applied:
-        optimizer.step()
+        plan.step(optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
     return forward, applied
+
+
+def _rows(state: State | None, rows: slice) -> State | None:
+    return state if state is None or rows == slice(None) else tuple(s[:, rows] for s in state)
+
+
+def _merge(forwards: list[tuple[Forward, float]], device: torch.device) -> Forward:
+    """One Forward for a rank's micro-batches: the weighted loss, the states and outputs joined by rows."""
+    if len(forwards) == 1 and forwards[0][1] == 1.0:
+        forward = forwards[0][0]
+        forward.loss = forward.loss.detach()
+        return forward
+    if not forwards:  # this rank's share of a small batch is empty: it adds nothing to the sum
+        return Forward(loss=torch.zeros((), device=device))
+    loss = sum(f.loss.detach().float() * w for f, w in forwards)
+    states = [f.state for f, _ in forwards]
+    state = None if states[0] is None else tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
+    outputs = tuple(torch.cat(parts) for parts in zip(*(f.outputs for f, _ in forwards), strict=True))
+    return Forward(loss=loss, state=state, outputs=outputs)
 
 
 @dataclass
@@ -175,11 +304,14 @@ def train(task: EngineTask, *, out_dir: str | Path, reporter: Reporter | None = 
     :class:`~rnnkit.training.session.Stopped` at the next step boundary;
     ``resume`` continues a saved run exactly where it stopped.
     """
-    reporter = reporter or Reporter()
+    group = distributed()
+    # Rank 0 alone prints and writes; the others compute their share and stay quiet.
+    reporter = (reporter or Reporter()) if group.main else Reporter()
     out_dir = Path(out_dir)
     config = task.config
     t = config.train
     device = prepare_run(config)
+    plan = Plan(precision=t.precision, accum=t.grad_accum, device=device, group=group)
     model = task.build_model(device)
     optimizer = build_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     # seam: a learning-rate schedule (warm-up, cosine) steps here beside the plateau decay
@@ -187,7 +319,7 @@ def train(task: EngineTask, *, out_dir: str | Path, reporter: Reporter | None = 
                  if task.plateau_decay else None)
     session = Session(config=config, out_dir=out_dir, task=task.name, model=model, optimizer=optimizer,
                       tokenizer=task.tokenizer, scheduler=scheduler, generators=task.generators,
-                      extra=task.checkpoint_extra, stop=stop, resume=resume,
+                      extra=task.checkpoint_extra, stop=stop, resume=resume, group=group, scaler=plan.scaler,
                       on_save=lambda path, names: reporter.on_save(SaveEvent(path=path, names=names)))
     for key, value in task.counters.items():
         session.progress.extra.setdefault(key, value)
@@ -195,21 +327,23 @@ def train(task: EngineTask, *, out_dir: str | Path, reporter: Reporter | None = 
     task.setup(session)
 
     # Everything is checked: only now does anything land on disk.
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if group.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     metrics = session.open_metrics()
     try:
         reporter.on_start(task.begin(session, metrics, out_dir))
-        stopped_by = _loop(task, session, model, optimizer, scheduler, metrics, reporter, device)
+        stopped_by = _loop(task, session, model, optimizer, scheduler, metrics, reporter, plan)
     finally:
         metrics.close()
         task.close()
+    group.barrier()  # rank 0's last checkpoint is on disk before any rank reads it back
     end, result = task.finish(session, stopped_by, metrics)
     reporter.on_end(end)
     return result
 
 
 def _loop(task: EngineTask, session: Session, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-          metrics: MetricsLog, reporter: Reporter, device: torch.device) -> str:
+          metrics: MetricsLog, reporter: Reporter, plan: Plan) -> str:
     """Epochs of steps until a stop condition holds; returns which one."""
     t = task.config.train
 
@@ -224,9 +358,13 @@ def _loop(task: EngineTask, session: Session, model: nn.Module, optimizer: torch
                                    headline=found.headline, summary=found.summary))
         metrics(record)
         session.save(("best", "last") if found.improved else ("last",), found.save_state)
-        for sample in task.samples():
-            reporter.on_sample(sample)
+        draw_samples()
         return found.early_stop
+
+    def draw_samples() -> None:
+        if session.group.main:  # the other ranks would only draw them to throw them away
+            for sample in task.samples():
+                reporter.on_sample(sample)
 
     model.train()
     stopped_by = session.stopped_by(task.max_steps)
@@ -237,7 +375,7 @@ def _loop(task: EngineTask, session: Session, model: nn.Module, optimizer: torch
             task.begin_epoch(session)
         for batch in session.epochs(*task.epoch()):
             forward, applied = train_step(model, optimizer, batch, session.carry, loss_fn=task.loss, clip=t.clip,
-                                          device=device)
+                                          device=plan.device, plan=plan)
             session.check_finite(applied, skip=t.on_nan == "skip")
             # A skipped batch leaves the weights alone, and the state it produced is not carried.
             session.carry = forward.state if applied else None if batch.reset else session.carry
@@ -247,13 +385,12 @@ def _loop(task: EngineTask, session: Session, model: nn.Module, optimizer: torch
             if step % t.log_every == 0 or step == task.max_steps:
                 _log_progress(task, session, optimizer, metrics, reporter, batch, forward)
             task.after_step(session, batch, forward)
-            stopped_by = session.stopped_by(task.max_steps)
+            stopped_by = session.step_end(task.max_steps)
             if stopped_by or (not task.validate_each_epoch and step % t.eval_every == 0):
                 if validate():
                     stopped_by = "early stopping"
             elif t.sample_every and step % t.sample_every == 0:
-                for sample in task.samples():
-                    reporter.on_sample(sample)
+                draw_samples()
             if stopped_by:
                 break
             session.after_step()

@@ -24,10 +24,12 @@ from rnnkit.config import RunConfig, generation_window
 from rnnkit.data.batching import Batch, make_batcher
 from rnnkit.data.lm_data import LMData, save_lm_cache
 from rnnkit.data.tokenizers import Tokenizer
+from rnnkit.errors import RnnkitError
 from rnnkit.evaluation import evaluate_lm, lm_metrics
 from rnnkit.generation import generate_ids
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.models.recurrent import State
+from rnnkit.runtime import distributed
 from rnnkit.training import engine
 from rnnkit.training.engine import Forward, Validation
 from rnnkit.training.events import EndEvent, Reporter, SampleEvent, StartEvent
@@ -59,8 +61,11 @@ def lm_forward(model: nn.Module, batch: Batch, state: State | None, device: torc
     x = batch.x.to(device, non_blocking=True)
     y = batch.y.to(device, non_blocking=True)
     logits, state = model(x, state)  # (B, T, V)
-    # Looked up at call time, so a test can poison the loss.
-    return Forward(loss=lm_loss(logits, y), state=state, outputs=(logits, y))
+    # lm_loss is looked up at call time, so a test can poison the loss.
+    loss = lm_loss(logits, y)
+    with torch.no_grad():  # the argmax now, so that the (B, T, V) logits need not outlive the backward pass
+        predicted = (logits[:, -1] if y.dim() == 1 else logits).argmax(dim=-1)  # (B,) or (B, T)
+    return Forward(loss=loss, state=state, outputs=(predicted, y))
 
 
 @dataclass
@@ -77,9 +82,7 @@ class StepOutput:
 @torch.no_grad()
 def step_output(forward: Forward, applied: bool) -> StepOutput:
     """Accuracy counts and predictions of a language-model step."""
-    logits, y = forward.outputs
-    scored = logits[:, -1] if y.dim() == 1 else logits  # (B, V) or (B, T, V)
-    predicted = scored.argmax(dim=-1)
+    predicted, y = forward.outputs
     correct = (predicted == y).sum()
     if y.dim() == 1:
         return StepOutput(loss=forward.loss.detach(), correct=correct, count=y.numel(), predicted=predicted,
@@ -141,6 +144,11 @@ class WindowTask:
         self.tokens_per_step = tokens_per_step
         self.steps_per_epoch = steps_per_epoch
         self.max_steps = engine.step_budget(config.train, steps_per_epoch)
+        group, accum = distributed(), config.train.grad_accum
+        if config.data.batch_size % (group.world * accum):
+            what = f"{group.world} processes x {accum} micro-batches" if accum > 1 else f"{group.world} processes"
+            raise RnnkitError(f"--batch-size {config.data.batch_size} does not divide into {what}: the global batch "
+                              f"is shared out by rows; choose a multiple of {group.world * accum}")
         self.generators: dict[str, torch.Generator] = {}
         self.model: nn.Module | None = None
         self.running: Running | None = None
@@ -232,7 +240,8 @@ class LanguageModelTask(WindowTask):
         session.progress.extra["default_prime"] = self.prefixes[0]
 
     def begin(self, session: Session, metrics: MetricsLog, out_dir: Path) -> StartEvent:
-        save_lm_cache(self.data, out_dir / "data")
+        if session.group.main:
+            save_lm_cache(self.data, out_dir / "data")
         self.running = Running(self.device)
         data = self.data
         return StartEvent(device=str(self.device), parameters=self.model.num_parameters(),
@@ -262,7 +271,8 @@ class LanguageModelTask(WindowTask):
         if len(self.data.val) < 2:  # no validation text: the latest weights are the best we know
             return Validation(record=record, improved=True, headline=f"step {session.step}", summary=None)
         loss, count, val_accuracy = evaluate_lm(self.model, self.data.val, batch_size=d.batch_size,
-                                                seq_len=d.seq_len, max_tokens=t.eval_max_tokens, window=d.window)
+                                                seq_len=d.seq_len, max_tokens=t.eval_max_tokens, window=d.window,
+                                                group=session.group)
         val = lm_metrics(loss, tokens=count, chars=round(count * self.data.chars_per_token))
         extra["val_loss"] = loss
         improved = extra["best_val_loss"] is None or loss < extra["best_val_loss"]

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from rnnkit import tasks
-from rnnkit.checkpoint import load_tokenizer
+from rnnkit.checkpoint import load_tokenizer, read_index
 from rnnkit.config import RunConfig, set_value, validate
 from rnnkit.errors import RnnkitError, describe_os_error
+from rnnkit.runtime import init_distributed, restarted
 from rnnkit.training.events import Reporter
 from rnnkit.training.session import Resume, StopFlag, Stopped, stop_on_signals
 
@@ -71,6 +72,28 @@ def resume_config(run_dir: str | Path, *, changes: dict[str, Any], recipe: bool 
     return config, resume
 
 
+def restart_point(config: RunConfig, *, log=None) -> Resume | None:
+    """Where a worker that torchrun restarted picks up: its run's last checkpoint (None: there is none yet).
+
+    The restarted process runs the same command line, so its settings must be the run's own.
+    """
+    if not config.out or "last" not in read_index(config.out):
+        return None
+    resume = Resume.from_run(config.out)
+    meta = json.loads((resume.folder / "config.json").read_text(encoding="utf-8"))
+    saved = RunConfig.from_dict(meta.get("run", {}), source=str(resume.folder / "config.json"))
+    for key in (*RESUME_OVERRIDES, "out"):
+        section, _, name = key.rpartition(".")
+        setattr(getattr(saved, section) if section else saved, name,
+                getattr(getattr(config, section) if section else config, name))
+    if saved != config:
+        raise RnnkitError(f"torchrun restarted this worker, but {config.out} holds a run with other settings; "
+                          "restart it with its own command line, or pass another --out")
+    if log is not None:
+        log(f"restarted by torchrun: resuming {config.out} from step {resume.data.get('progress', {}).get('step', 0)}")
+    return resume
+
+
 def same_tokenizer(tokenizer, resume: Resume | None) -> None:
     """A resumed run must read its text exactly as before."""
     if resume is not None and load_tokenizer(resume.folder).to_dict() != tokenizer.to_dict():
@@ -113,7 +136,7 @@ def check_writable(out: Path) -> None:
 @dataclass
 class RunOutcome:
     exit_code: int  # 0, or 130/143 after SIGINT/SIGTERM (the run is saved and resumable)
-    notice: str | None = None  # why it stopped early, and how to continue: always shown
+    notice: str | None = None  # why it stopped early, and how to continue: always shown (rank 0)
     summary: list[str] = field(default_factory=list)  # where the results are: shown unless quiet
     result: Any = None  # the task's result object
 
@@ -123,31 +146,57 @@ _SIGNAL_NAMES = {2: "interrupted", 15: "terminated"}
 
 def train_run(config: RunConfig, *, resume: Resume | None = None, overwrite: bool = False,
               reporter: Reporter | None = None, log=None) -> RunOutcome:
-    """Train the run ``config`` describes (or continue ``resume``) in its run directory."""
+    """Train the run ``config`` describes (or continue ``resume``) in its run directory.
+
+    Under torchrun every process calls this; rank 0 alone writes and prints. A worker
+    that torchrun restarts (``--max-restarts``) continues its run from the last checkpoint.
+    """
+    group = init_distributed(config.train.device)
+    if not group.main:
+        reporter, log = Reporter(), None
     reporter = reporter or Reporter()
+    if resume is None and restarted():
+        resume = restart_point(config, log=log)
+        # No checkpoint yet: what the run directory holds is this run's own first attempt.
+        overwrite = overwrite or resume is None
     out, old = run_directory(config, resume=resume, overwrite=overwrite)
+    group.barrier()  # every rank has looked at the run directory before rank 0 changes it
     module = tasks.resolve(tasks.get(config.task).training)
     task = module.make_task(config, out=out, resume=resume, log=log)  # reads and checks the data
     from rnnkit.training import engine
 
     try:
-        for path in old:  # only now that the new run is known to start
+        for path in old if group.main else ():  # only now that the new run is known to start
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         try:
             with stop_on_signals(StopFlag()) as stop:
                 result = engine.train(task, out_dir=out, reporter=reporter, stop=stop, resume=resume)
         except Stopped as stopped:
             name = _SIGNAL_NAMES.get(stopped.signum, f"stopped by signal {stopped.signum}")
-            return RunOutcome(stopped.exit_code, f"{name} at step {stopped.step}; the run is saved: continue it "
-                                                 f"with `rnnkit train --resume {out}`")
+            return RunOutcome(stopped.exit_code, group.main and f"{name} at step {stopped.step}; the run is saved: "
+                                                                f"continue it with `rnnkit train --resume {out}`")
         except KeyboardInterrupt:
-            return RunOutcome(130, "interrupted before the step ended; continue from the last checkpoint with "
-                                   f"`rnnkit train --resume {out}`")
+            return RunOutcome(130, group.main and "interrupted before the step ended; continue from the last "
+                                                  f"checkpoint with `rnnkit train --resume {out}`")
         finally:
-            if (out / "checkpoints").is_dir():  # the run started: record its full configuration
+            if group.main and (out / "checkpoints").is_dir():  # the run started: record its full configuration
                 (out / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-        return RunOutcome(0, summary=module.summary(result, out), result=result)
+        return RunOutcome(0, summary=module.summary(result, out) if group.main else [], result=result)
     except OSError as exc:
         # By now the data is read: what fails is writing the run (logs, cache, config). Checkpoints
         # are written atomically, so whatever the index names is still complete.
         raise RnnkitError(f"could not write the run in {out}: {describe_os_error(exc)}") from None
+    except RuntimeError as exc:
+        if not group.active or not _lost_peer(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RnnkitError(f"rank {group.rank} lost contact with the rest of the process group ({first}); "
+                          f"the last checkpoint is kept in {out}: restart the group with --resume {out}, or let "
+                          "torchrun --max-restarts do it") from None
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another rank went away (gloo says so in a plain RuntimeError)."""
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or "/gloo/transport/" in str(exc)

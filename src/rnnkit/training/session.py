@@ -40,6 +40,7 @@ from rnnkit.config import RunConfig
 from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.files import write_atomic
+from rnnkit.runtime import SINGLE, Distributed, rank_rows
 
 TRAINER_FORMAT_VERSION = 1
 #: Stop a ``--on-nan skip`` run after this many non-finite batches in a row: it is not recovering.
@@ -105,22 +106,24 @@ class NonFinite(RnnkitError):
 class MetricsLog:
     """``RUN/metrics.jsonl``: one JSON record per line, flushed as written, and kept in memory."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: keep the records in memory only (ranks other than 0)
         self.history: list[dict[str, Any]] = []
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = open(path, "a", encoding="utf-8") if path is not None else None
 
     def reopen(self) -> None:
-        if self._file.closed:
+        if self._file is not None and self._file.closed:
             self._file = open(self.path, "a", encoding="utf-8")
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 # ------------------------------------------------------------------ trainer state
@@ -236,6 +239,8 @@ class Session:
         stop: StopFlag | None = None,
         resume: Resume | None = None,
         on_save: Callable[[Path, tuple[str, ...]], None] | None = None,
+        group: Distributed = SINGLE,
+        scaler: Any = None,
     ) -> None:
         self.config, self.out_dir, self.task = config, out_dir, task
         self.model, self.optimizer, self.scheduler, self.tokenizer = model, optimizer, scheduler, tokenizer
@@ -243,6 +248,9 @@ class Session:
         self.checkpoint_extra = extra or {}
         self.stop = stop or StopFlag()
         self.on_save = on_save
+        self.group = group  # rank 0 alone writes; every rank takes part in saving the carried state
+        self.scaler = scaler  # fp16's gradient scaler, saved and restored with the rest
+        self._agreed: dict[str, Any] = {}  # what every rank decided at the end of the step (see step_end)
         self.progress = Progress()
         self.carry: Any = None  # the hidden state carried into the next batch (sequential sampling)
         self.consecutive_skips = 0
@@ -277,6 +285,9 @@ class Session:
         """``metrics.jsonl``: on resume, keep the records up to the resumed step (later ones are redone)."""
         path = self.out_dir / "metrics.jsonl"
         kept: list[dict[str, Any]] = []
+        if not self.group.main:
+            self.metrics = MetricsLog(None)
+            return self.metrics
         if self.resumed and path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -344,14 +355,17 @@ class Session:
     def after_step(self) -> None:
         """Periodic checkpoints, then honour a stop request (at a step boundary, so the state is whole)."""
         t = self.config.train
-        due = (t.save_every and self.progress.step % t.save_every == 0) or (
-            t.save_every_seconds and time.perf_counter() - self._last_save >= t.save_every_seconds)
+        agreed = self._agreed or self._decide()
+        self._agreed = {}
+        # A checkpoint written since the clock was read (a validation's) resets the clock.
+        clock_due = bool(agreed["save_due"]) and self._last_save <= agreed["decided_at"]
+        due = bool(t.save_every and self.progress.step % t.save_every == 0) or clock_due
         if due:
             self.save(("last",))
-        if self.stop.signum is not None:
+        if agreed["signal"]:
             if not due:
                 self.save(("last",))
-            raise Stopped(self.stop.signum, self.progress.step, self.out_dir)
+            raise Stopped(agreed["signal"], self.progress.step, self.out_dir)
 
     def refuse_if_finished(self, how: str | None) -> None:
         """A resumed run that already met its stop condition has nothing to do: say so instead."""
@@ -369,6 +383,32 @@ class Session:
             return "time"
         return None
 
+    def step_end(self, max_steps: int) -> str | None:
+        """After a step: whether the run stops now, decided alike on every rank.
+
+        The clock (``--max-time``, ``--save-every-seconds``) and signals reach ranks at
+        different moments; one all-reduce per step makes them agree, so that every rank
+        saves, validates and stops at the same step.
+        """
+        self._agreed = self._decide()
+        if max_steps and self.progress.step >= max_steps:
+            return "steps"
+        return "time" if self._agreed["time_up"] else None
+
+    def _decide(self) -> dict[str, int]:
+        t = self.config.train
+        now = time.perf_counter()
+        local = {"time_up": int(bool(t.max_time and self.elapsed() >= t.max_time)),
+                 "save_due": int(bool(t.save_every_seconds and now - self._last_save >= t.save_every_seconds)),
+                 "signal": self.stop.signum or 0}
+        if self.group.active:
+            import torch.distributed as dist
+
+            flags = torch.tensor(list(local.values()), dtype=torch.int64)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            local = dict(zip(local, flags.tolist(), strict=True))
+        return {**local, "decided_at": now}
+
     # ---- checkpoints
 
     def save(self, names: tuple[str, ...], state: dict[str, Any] | None = None) -> Path:
@@ -376,10 +416,14 @@ class Session:
         info = {"step": self.progress.step, "tokens": self.progress.tokens, "epoch_index": self.progress.epoch,
                 "seconds": round(self.elapsed(), 3), "skipped": self.progress.skipped, **self.progress.extra,
                 **(state or {})}
+        trainer = self._trainer_state()  # every rank: the carried state is gathered from all of them
+        if not self.group.main:
+            self._last_save = time.perf_counter()
+            return self.out_dir / "checkpoints" / f"step-{self.progress.step:09d}"
         path = checkpoint.save_to_run(
             self.out_dir, names=names, step=self.progress.step, model=self.model, tokenizer=self.tokenizer,
             task=self.task, run_config=self.config, state=info, extra=self.checkpoint_extra,
-            trainer=self._trainer_state(),
+            trainer=trainer,
         )
         self._last_save = time.perf_counter()
         if self.on_save is not None:
@@ -396,15 +440,14 @@ class Session:
                 tensors[f"rng.cuda.{i}"] = s
         for name, gen in self.generators.items():
             tensors[f"rng.generator.{name}"] = gen.get_state()
-        carry = self.carry
-        if carry is not None:
-            for i, tensor in enumerate(carry if isinstance(carry, (tuple, list)) else (carry,)):
-                tensors[f"carry.{i}"] = tensor.detach().cpu().contiguous()
+        for i, tensor in enumerate(gather_rows(self.carry, self.group) or ()):
+            tensors[f"carry.{i}"] = tensor.detach().cpu().contiguous()
         data = {
             "version": TRAINER_FORMAT_VERSION,
             "progress": progress,
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": {"python": _python_rng_state(), "numpy": _numpy_rng_state()},
         }
         return data, tensors
@@ -417,6 +460,8 @@ class Session:
             _load_optimizer_state(self.optimizer, data["optimizer"], tensors)
             if self.scheduler is not None and data.get("scheduler") is not None:
                 self.scheduler.load_state_dict(data["scheduler"])
+            if self.scaler is not None and data.get("scaler") is not None:
+                self.scaler.load_state_dict(data["scaler"])
             self.progress = Progress(**data["progress"])
             version, internal, gauss = data["rng"]["python"]
             random.setstate((version, tuple(internal), gauss))
@@ -434,7 +479,8 @@ class Session:
                               f"({type(exc).__name__}: {exc})") from None
         carry = [tensors[f"carry.{i}"] for i in range(len([k for k in tensors if k.startswith("carry.")]))]
         device = next(self.model.parameters()).device
-        self.carry = tuple(t.to(device) for t in carry) if carry else None
+        # The saved state holds every stream; this rank carries its share (any world size that divides it).
+        self.carry = shard_rows(tuple(t.to(device) for t in carry), self.group) if carry else None
         self._replay = (self.progress.epoch_data_state, self.progress.position)
         if self.progress.position == 0 and self.progress.epoch == 0:
             self._replay = None  # saved before the first epoch began
@@ -458,3 +504,28 @@ def numpy_rng_accessors(rng: np.random.Generator) -> tuple[Callable[[], dict[str
 def no_data_state() -> tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]]:
     """For batchers whose epochs are always the same (sequential streams)."""
     return dict, lambda state: None
+
+
+# ------------------------------------------------------------------ the carried state across ranks
+
+
+def shard_rows(state: tuple[torch.Tensor, ...], group: Distributed) -> tuple[torch.Tensor, ...]:
+    """This rank's rows of a (layers, B, H) state."""
+    if not group.active:
+        return state
+    rows = rank_rows(state[0].shape[1], group)
+    return tuple(s[:, rows].contiguous() for s in state)
+
+
+def gather_rows(state: tuple[torch.Tensor, ...] | None, group: Distributed) -> tuple[torch.Tensor, ...] | None:
+    """Every rank's rows of a (layers, B_rank, H) state, in rank order: the state of all B streams."""
+    if state is None or not group.active:
+        return state
+    import torch.distributed as dist
+
+    whole = []
+    for part in state:
+        pieces = [torch.empty_like(part) for _ in range(group.world)]
+        dist.all_gather(pieces, part.contiguous())
+        whole.append(torch.cat(pieces, dim=1))
+    return tuple(whole)
