@@ -53,3 +53,13 @@ def shared_corpora() -> Path:
 @pytest.fixture
 def tiny_text() -> str:
     return "the cat sat on the mat. the dog sat on the log.\n" * 20
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run only where torch sees a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU here (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -119,7 +119,10 @@ def init_distributed(device: str = "auto") -> Distributed:
         torch.cuda.set_device(local_rank)
     timeout = datetime.timedelta(seconds=float(os.environ.get("RNNKIT_DIST_TIMEOUT", "300")))
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # Keys of this attempt only: after a torchrun restart the store still holds the last one's.
+        store = dist.PrefixStore(f"rnnkit/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     except (RuntimeError, ValueError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RnnkitError(f"could not join the process group at {os.environ['MASTER_ADDR']}:"

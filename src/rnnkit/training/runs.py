@@ -23,7 +23,7 @@ from rnnkit import tasks
 from rnnkit.checkpoint import load_tokenizer, read_index
 from rnnkit.config import RunConfig, set_value, validate
 from rnnkit.errors import RnnkitError, describe_os_error
-from rnnkit.runtime import init_distributed, restarted
+from rnnkit.runtime import init_distributed, resolve_device, restarted
 from rnnkit.training.events import Reporter
 from rnnkit.training.session import Resume, StopFlag, Stopped, stop_on_signals
 
@@ -152,6 +152,9 @@ def train_run(config: RunConfig, *, resume: Resume | None = None, overwrite: boo
     that torchrun restarts (``--max-restarts``) continues its run from the last checkpoint.
     """
     group = init_distributed(config.train.device)
+    from rnnkit.training.engine import autocast_dtype
+
+    autocast_dtype(config.train.precision, resolve_device(config.train.device))  # fp16 without CUDA: say so first
     if not group.main:
         reporter, log = Reporter(), None
     reporter = reporter or Reporter()
