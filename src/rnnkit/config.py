@@ -109,6 +109,13 @@ class TrainConfig:
     lr: float = knob(2e-3, "learning rate")
     weight_decay: float = knob(0.0, "weight decay")
     clip: float = knob(5.0, "clip the global gradient norm to this value (0: no clipping)")
+    lr_schedule: Literal["plateau", "constant", "cosine"] = knob(
+        "plateau", "plateau: multiply the rate by --lr-decay when validation stops improving; constant; cosine: "
+                   "anneal from --lr to --min-lr over whichever budget binds (--max-steps/--epochs, or --max-time "
+                   "by elapsed training time)"
+    )
+    warmup: int = knob(0, "steps of linear warm-up from --lr/N to --lr at the start (any schedule; 0: none)")
+    min_lr: float = knob(0.0, "cosine: the learning rate at the end of the budget")
     lr_decay: float = knob(0.5, "multiply the learning rate by this when validation stops improving")
     lr_patience: int = knob(2, "evaluations without improvement before the learning rate decays")
     max_steps: int = knob(0, "stop after this many optimizer steps (0: no limit)")
@@ -440,6 +447,8 @@ def validate(config: RunConfig) -> None:
         "train.sample_temperature": t.sample_temperature,
         "train.save_every": t.save_every,
         "train.save_every_seconds": t.save_every_seconds,
+        "train.warmup": t.warmup,
+        "train.min_lr": t.min_lr,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -461,6 +470,8 @@ def validate(config: RunConfig) -> None:
         raise RnnkitError(f"'train.lr' must be positive, got {t.lr}")
     if not 0 <= m.dropout < 1:
         raise RnnkitError(f"'model.dropout' must be in [0, 1), got {m.dropout}")
+    if t.min_lr > t.lr:
+        raise RnnkitError(f"'train.min_lr' ({t.min_lr:g}) must not exceed 'train.lr' ({t.lr:g})")
     if not 0 < t.lr_decay <= 1:
         raise RnnkitError(f"'train.lr_decay' must be in (0, 1], got {t.lr_decay}")
     if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1):

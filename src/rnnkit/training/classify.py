@@ -201,7 +201,7 @@ class ClassifierTask:
         record: dict[str, Any] = {"step": session.step, "epoch": epoch, "time": round(session.elapsed(), 3),
                                   "train_loss": extra["epoch_loss_sum"] / seen,
                                   "train_accuracy": extra["epoch_correct"] / seen,
-                                  "lr": session.optimizer.param_groups[0]["lr"]}
+                                  "lr": session.lr}
         extra["evaluated_epoch"] = epoch
         summary = f"train accuracy {record['train_accuracy']:.4f}  loss {record['train_loss']:.4f}"
         if not len(self.data.val.labels):

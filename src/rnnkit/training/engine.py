@@ -224,11 +224,57 @@ def _merge(forwards: list[tuple[Forward, float]], device: torch.device) -> Forwa
     return Forward(loss=loss, state=state, outputs=outputs)
 
 
+class Schedule:
+    """The learning rate of each step: warm-up, then constant, cosine, or the plateau decay's rate.
+
+    The rate is a function of the step and the elapsed training time, both part of
+    the trainer state, so a resumed run continues the schedule where it stopped.
+    Cosine anneals over whichever budget binds first: the step budget (--max-steps,
+    --epochs) or, by elapsed training time, --max-time. With the plateau schedule the
+    decay (torch's ReduceLROnPlateau, at validations) owns the optimizer's rate and
+    the warm-up scales it for the step only.
+    """
+
+    def __init__(self, t, *, max_steps: int) -> None:
+        self.kind, self.warmup, self.lr, self.min_lr = t.lr_schedule, t.warmup, t.lr, t.min_lr
+        self.max_steps, self.max_time = max_steps, t.max_time
+
+    def factor(self, step: int, elapsed: float) -> float:
+        """The multiplier on the optimizer's rate for the step after ``step`` steps."""
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.kind != "cosine":
+            return warm
+        done = max(step / self.max_steps if self.max_steps else 0.0,
+                   elapsed / self.max_time if self.max_time else 0.0)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return warm * (self.min_lr + (self.lr - self.min_lr) * cosine) / self.lr
+
+    @contextlib.contextmanager
+    def applied(self, optimizer: torch.optim.Optimizer, step: int, elapsed: float):
+        """Run the optimizer step at the scheduled rate; the optimizer keeps its own (the plateau's) afterwards."""
+        factor = self.factor(step, elapsed)
+        if factor == 1.0:
+            yield
+            return
+        bases = [group["lr"] for group in optimizer.param_groups]
+        for group, base in zip(optimizer.param_groups, bases, strict=True):
+            group["lr"] = base * factor
+        try:
+            yield
+        finally:
+            for group, base in zip(optimizer.param_groups, bases, strict=True):
+                group["lr"] = base
+
+    def rate(self, optimizer: torch.optim.Optimizer, step: int, elapsed: float) -> float:
+        """The rate the next step will use (for the logs)."""
+        return optimizer.param_groups[0]["lr"] * self.factor(step, elapsed)
+
+
 @dataclass
 class Validation:
     """What a task's validation found."""
 
-    record: dict[str, Any]  # the metrics.jsonl record (step, time and lr are filled in already)
+    record: dict[str, Any]  # the metrics.jsonl record: step, time, lr and what the task measured
     improved: bool  # a new best: the best checkpoint moves here
     headline: str  # "step 500", "epoch 3"
     summary: str | None  # the console line after the headline; None: nothing to show
@@ -316,7 +362,8 @@ def train(task: EngineTask, *, out_dir: str | Path, reporter: Reporter | None = 
     optimizer = build_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     # seam: a learning-rate schedule (warm-up, cosine) steps here beside the plateau decay
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=t.lr_decay, patience=t.lr_patience)
-                 if task.plateau_decay else None)
+                 if task.plateau_decay and t.lr_schedule == "plateau" else None)
+    schedule = Schedule(t, max_steps=task.max_steps)
     session = Session(config=config, out_dir=out_dir, task=task.name, model=model, optimizer=optimizer,
                       tokenizer=task.tokenizer, scheduler=scheduler, generators=task.generators,
                       extra=task.checkpoint_extra, stop=stop, resume=resume, group=group, scaler=plan.scaler,
@@ -332,7 +379,7 @@ def train(task: EngineTask, *, out_dir: str | Path, reporter: Reporter | None = 
     metrics = session.open_metrics()
     try:
         reporter.on_start(task.begin(session, metrics, out_dir))
-        stopped_by = _loop(task, session, model, optimizer, scheduler, metrics, reporter, plan)
+        stopped_by = _loop(task, session, model, optimizer, scheduler, schedule, metrics, reporter, plan)
     finally:
         metrics.close()
         task.close()
@@ -343,15 +390,14 @@ def train(task: EngineTask, *, out_dir: str | Path, reporter: Reporter | None = 
 
 
 def _loop(task: EngineTask, session: Session, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-          metrics: MetricsLog, reporter: Reporter, plan: Plan) -> str:
+          schedule: Schedule, metrics: MetricsLog, reporter: Reporter, plan: Plan) -> str:
     """Epochs of steps until a stop condition holds; returns which one."""
     t = task.config.train
 
     def validate() -> bool:
         """Validate, decay the learning rate on a plateau, save best/last, draw samples; True: stop early."""
         found = task.validate(session)
-        record = {"step": session.step, "time": round(session.elapsed(), 3),
-                  "lr": optimizer.param_groups[0]["lr"], **found.record}
+        record = found.record
         if scheduler is not None and found.plateau_loss is not None:
             scheduler.step(found.plateau_loss)
         reporter.on_eval(EvalEvent(step=session.step, record=record, improved=found.improved,
@@ -374,16 +420,18 @@ def _loop(task: EngineTask, session: Session, model: nn.Module, optimizer: torch
         if not session.replaying:
             task.begin_epoch(session)
         for batch in session.epochs(*task.epoch()):
-            forward, applied = train_step(model, optimizer, batch, session.carry, loss_fn=task.loss, clip=t.clip,
-                                          device=plan.device, plan=plan)
+            with schedule.applied(optimizer, session.step, session.elapsed()):
+                forward, applied = train_step(model, optimizer, batch, session.carry, loss_fn=task.loss,
+                                              clip=t.clip, device=plan.device, plan=plan)
             session.check_finite(applied, skip=t.on_nan == "skip")
             # A skipped batch leaves the weights alone, and the state it produced is not carried.
             session.carry = forward.state if applied else None if batch.reset else session.carry
             session.advance(task.tokens(batch))
             task.observe(batch, forward, applied)
             step = session.step
+            session.lr = schedule.rate(optimizer, step - 1, session.elapsed())  # the rate this step ran at
             if step % t.log_every == 0 or step == task.max_steps:
-                _log_progress(task, session, optimizer, metrics, reporter, batch, forward)
+                _log_progress(task, session, session.lr, metrics, reporter, batch, forward)
             task.after_step(session, batch, forward)
             stopped_by = session.step_end(task.max_steps)
             if stopped_by or (not task.validate_each_epoch and step % t.eval_every == 0):
@@ -399,11 +447,11 @@ def _loop(task: EngineTask, session: Session, model: nn.Module, optimizer: torch
     return stopped_by
 
 
-def _log_progress(task: EngineTask, session: Session, optimizer: torch.optim.Optimizer, metrics: MetricsLog,
-                  reporter: Reporter, batch: Any, forward: Forward) -> None:
-    """One progress record to metrics.jsonl and the reporter."""
+def _log_progress(task: EngineTask, session: Session, lr: float, metrics: MetricsLog, reporter: Reporter,
+                  batch: Any, forward: Forward) -> None:
+    """One progress record (``lr``: the rate the step ran at) to metrics.jsonl and the reporter."""
     t = task.config.train
-    record, rate, unit = task.progress(session, optimizer.param_groups[0]["lr"])
+    record, rate, unit = task.progress(session, lr)
     if session.progress.skipped:
         record["skipped"] = session.progress.skipped
     metrics(record)

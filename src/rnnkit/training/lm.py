@@ -197,7 +197,7 @@ class WindowTask:
 
     def base_record(self, session: Session) -> dict[str, Any]:
         return {"step": session.step, "time": round(session.elapsed(), 3),
-                "lr": session.optimizer.param_groups[0]["lr"]}
+                "lr": session.lr}
 
     def result(self, session: Session, stopped_by: str, metrics: MetricsLog) -> TrainResult:
         extra = session.progress.extra

@@ -252,6 +252,7 @@ class Session:
         self.scaler = scaler  # fp16's gradient scaler, saved and restored with the rest
         self._agreed: dict[str, Any] = {}  # what every rank decided at the end of the step (see step_end)
         self.progress = Progress()
+        self.lr = optimizer.param_groups[0]["lr"]  # the learning rate of the latest step (the engine's schedule)
         self.carry: Any = None  # the hidden state carried into the next batch (sequential sampling)
         self.consecutive_skips = 0
         self._resume = resume
