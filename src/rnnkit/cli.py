@@ -14,58 +14,39 @@ import dataclasses
 import json
 import sys
 import typing
-from typing import Any, Literal, get_origin
+from typing import Any
 
 from rnnkit import __version__
-from rnnkit.config import SECTIONS, RunConfig, ServeLimits
+from rnnkit.config import RunConfig, ServeLimits, all_keys, knobs
 from rnnkit.errors import RnnkitError
 from rnnkit.tasks import WrongTask
 
 # ---------------------------------------------------------------- train flags
 
 
-def _flag(name: str, meta: dict[str, Any]) -> str:
-    return meta.get("flag", "--" + name.replace("_", "-"))
+_KINDS: dict[str, dict[str, Any]] = {"bool": {"action": argparse.BooleanOptionalAction},
+                                     "list": {"nargs": "+", "metavar": "TEXT"},
+                                     "int": {"type": int, "metavar": "N"}, "float": {"type": float, "metavar": "X"}}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config knob, help text and choices taken from the config dataclasses."""
-    defaults = RunConfig()
-    groups = [("run", defaults, [f for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS])]
-    for section in SECTIONS:
-        obj = getattr(defaults, section)
-        groups.append((section, obj, list(dataclasses.fields(obj))))
-    for section, obj, fields in groups:
-        group = parser.add_argument_group(f"{section} options" if section != "run" else "output")
-        hints = typing.get_type_hints(type(obj))
-        for f in fields:
-            tp = hints[f.name]
-            dest = f.name if section == "run" else f"{section}.{f.name}"
-            default = getattr(obj, f.name)
-            help_text = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, []) else "")
-            kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
-            args = typing.get_args(tp)
-            if get_origin(tp) is Literal:
-                kwargs["choices"] = list(args)
-            elif tp is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif get_origin(tp) is list:
-                kwargs["nargs"] = "+"
-                kwargs["metavar"] = "TEXT"
-            elif tp is int:
-                kwargs.update(type=int, metavar="N")
-            elif tp is float:
-                kwargs.update(type=float, metavar="X")
-            else:
-                kwargs["metavar"] = {"text": "PATH", "out": "PATH", "live_plot": "FILE.png"}.get(f.name, f.name.upper())
-            group.add_argument(_flag(f.name, f.metadata), *f.metadata.get("aliases", ()), **kwargs)
-
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for knob in knobs():
+        if knob.section not in groups:
+            groups[knob.section] = parser.add_argument_group(f"{knob.section} options" if knob.section != "run"
+                                                             else "output")
+        shown = f" (default: {knob.default})" if knob.default not in (None, []) else ""
+        kind = {"choices": list(knob.choices)} if knob.kind == "choice" else _KINDS.get(knob.kind,
+                                                                                      {"metavar": knob.metavar})
+        groups[knob.section].add_argument(knob.flag, *knob.aliases, dest=knob.key, default=argparse.SUPPRESS,
+                                          help=knob.help + shown, **kind)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys given as flags (dotted, e.g. ``train.lr``)."""
-    top_level = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS)
-    return {key: value for key, value in vars(args).items() if key in top_level or "." in key}
+    keys = set(all_keys())
+    return {key: value for key, value in vars(args).items() if key in keys}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -78,8 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     resume = None
     if args.resume:
-        changes = {k: v for k, v in _settings(args).items() if "." in k or k in ("out", "task")}
-        config, resume = runs.resume_config(args.resume, changes=changes, recipe=bool(args.config or args.set),
+        config, resume = runs.resume_config(args.resume, changes=_settings(args), recipe=bool(args.config or args.set),
                                             overwrite=args.overwrite)
     else:
         config = RunConfig.build(recipe=args.config, overrides=args.set, settings=_settings(args))

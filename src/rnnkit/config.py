@@ -40,7 +40,8 @@ class DataConfig:
     """Where the text comes from and how it is cut into training batches."""
 
     text: str | None = knob(
-        None, "a UTF-8 text file or folder of .txt files (classify: a TSV/CSV or label folders)", aliases=("--data",)
+        None, "a UTF-8 text file or folder of .txt files (classify: a TSV/CSV or label folders)", aliases=("--data",),
+        metavar="PATH",
     )
     corpus: str | None = knob(None, "a named corpus (see `rnnkit corpora list`), fetched and cached")
     level: Literal["char", "word", "bpe"] = knob("char", "tokenization level: characters, words, or byte-level BPE")
@@ -142,7 +143,8 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = knob(
         "stop", "a NaN/inf loss or gradient: stop the run (keeping the last good checkpoint), or skip the batch"
     )
-    live_plot: str | None = knob(None, "echo: redraw this PNG during training (loss and the current window)")
+    live_plot: str | None = knob(None, "echo: redraw this PNG during training (loss and the current window)",
+                                 metavar="FILE.png")
     plot_every: int = knob(200, "echo: redraw the live plot every N steps (a redraw takes ~0.25 s)")
     show: bool = knob(False, "echo: also show the live plot in a window (needs a display)")
 
@@ -156,7 +158,7 @@ class RunConfig:
         "language_model: predict the next token; classify: label whole texts; "
         "echo: per-step labelling of a generated series (the echo task)",
     )
-    out: str | None = knob(None, "run directory: checkpoints, logs and the encoded-data cache")
+    out: str | None = knob(None, "run directory: checkpoints, logs and the encoded-data cache", metavar="PATH")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -326,6 +328,41 @@ def _unknown(key: str, known: list[str], source: str) -> RnnkitError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
     return RnnkitError(f"{source}: unknown config key {key!r}{hint}")  # repr: a key may hold a line break
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting as a command line shows it (see :func:`knobs`)."""
+
+    key: str  # dotted: ``model.hidden``, or ``out`` at the top level
+    section: str  # "data", "model", "train", or "run" for the top level
+    flag: str  # --hidden
+    aliases: tuple[str, ...]
+    kind: str  # "choice", "bool", "list", "int", "float" or "str"
+    choices: tuple[Any, ...]
+    default: Any
+    help: str
+    metavar: str
+
+
+def knobs() -> list[Knob]:
+    """Every setting with its flag, kind, default and help text, in declaration order."""
+    defaults = RunConfig()
+    owners = [("run", defaults, [f for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS])]
+    owners += [(s, getattr(defaults, s), list(dataclasses.fields(getattr(defaults, s)))) for s in SECTIONS]
+    out = []
+    for section, owner, fields in owners:
+        hints = _hints(owner)
+        for f in fields:
+            tp = hints[f.name]
+            kind = ("choice" if get_origin(tp) is Literal else "bool" if tp is bool else
+                    "list" if get_origin(tp) is list else {int: "int", float: "float"}.get(tp, "str"))
+            out.append(Knob(key=f.name if section == "run" else f"{section}.{f.name}", section=section,
+                            flag=f.metadata.get("flag", "--" + f.name.replace("_", "-")),
+                            aliases=tuple(f.metadata.get("aliases", ())), kind=kind,
+                            choices=get_args(tp) if kind == "choice" else (), default=getattr(owner, f.name),
+                            help=f.metadata.get("help", ""), metavar=f.metadata.get("metavar", f.name.upper())))
+    return out
 
 
 def all_keys() -> list[str]:

@@ -52,6 +52,32 @@ def exact_cpu_math() -> None:
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve every block from the heap and keep freed memory (returns whether it did).
+
+    By default glibc maps each large block (a training step's activations) with a
+    fresh ``mmap`` and unmaps it on free, so every step faults its buffers in again:
+    ~125k page faults a step for a 2x512 LSTM, 18-28% of its time here. With
+    ``M_MMAP_MAX=0`` and a 1 GiB trim threshold the buffers are reused instead; the
+    process keeps up to 1 GiB of freed heap. `rnnkit train` calls this once its data
+    is read. Left alone when ``MALLOC_MMAP_MAX_``/``MALLOC_TRIM_THRESHOLD_`` are set
+    (the user's choice), with ``RNNKIT_MALLOC=system``, or off glibc.
+    """
+    import ctypes
+    import platform
+
+    if os.environ.get("RNNKIT_MALLOC", "").lower() == "system" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    try:
+        libc = ctypes.CDLL(None)
+        return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 # ------------------------------------------------------------------ several processes (torchrun)
 
 

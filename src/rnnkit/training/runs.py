@@ -23,7 +23,7 @@ from rnnkit import tasks
 from rnnkit.checkpoint import load_tokenizer, read_index
 from rnnkit.config import RunConfig, set_value, validate
 from rnnkit.errors import RnnkitError, describe_os_error
-from rnnkit.runtime import init_distributed, resolve_device, restarted
+from rnnkit.runtime import init_distributed, keep_freed_memory, resolve_device, restarted
 from rnnkit.training.events import Reporter
 from rnnkit.training.session import Resume, StopFlag, Stopped, stop_on_signals
 
@@ -166,6 +166,7 @@ def train_run(config: RunConfig, *, resume: Resume | None = None, overwrite: boo
     group.barrier()  # every rank has looked at the run directory before rank 0 changes it
     module = tasks.resolve(tasks.get(config.task).training)
     task = module.make_task(config, out=out, resume=resume, log=log)  # reads and checks the data
+    keep_freed_memory()  # the steps reuse their buffers instead of faulting them in anew (see runtime)
     from rnnkit.training import engine
 
     try:
