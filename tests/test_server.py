@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -536,9 +537,11 @@ def live_server(paths):
     """`rnnkit serve` in a subprocess on a free port of 127.0.0.1; yields (base URL, checkpoint kind) makers."""
     procs = []
 
-    def start(kind: str) -> str:
-        proc = subprocess.Popen([sys.executable, "-m", "rnnkit", "serve", "--checkpoint", str(paths[kind]),
-                                 "--port", "0", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    def start(*kinds: str, env: dict[str, str] | None = None) -> str:
+        checkpoints = [arg for kind in kinds for arg in ("--checkpoint", f"{kind}={paths[kind]}")]
+        proc = subprocess.Popen([sys.executable, "-m", "rnnkit", "serve", *checkpoints, "--port", "0",
+                                 "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **(env or {})})
         procs.append(proc)
         line = proc.stderr.readline()  # "rnnkit: serving ... on http://127.0.0.1:PORT/ ..."
         match = re.search(r"http://127\.0\.0\.1:\d+/", line)
@@ -584,3 +587,34 @@ def test_the_page_draws_probability_bars_for_a_classifier(live_server, browser):
     for row, result in zip(shown, expected["results"], strict=True):
         assert row["bars"] == [[label, f"{100 * p:.1f}%", pytest.approx(100 * p, abs=0.06)]
                                for label, p in result["probabilities"].items()]
+
+
+@pytest.mark.slow
+def test_the_page_asks_for_the_key_once_and_lets_you_pick_a_model(live_server, browser):
+    key = "page-key-0123456789abcdef"
+    base = live_server("cls", "lm", env={"RNNKIT_API_KEY": key})
+    browser.open(base + "?model=lm&prime=JULIET&length=30&temperature=0&run=1")
+    browser.wait_for("!document.getElementById('key-card').hidden")
+    assert browser.evaluate("document.getElementById('lm').hidden") is True  # nothing shown before the key
+    browser.evaluate(f"document.getElementById('api-key').value = {json.dumps(key)}; "
+                     "document.getElementById('use-key').click()")
+    browser.wait_for("document.querySelector('#output[data-done]')")
+    request = urllib.request.Request(base + "generate", data=json.dumps(
+        {"model": "lm", "prime": "JULIET", "length": 30, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        expected = json.loads(response.read())["texts"][0]
+    assert browser.evaluate("document.getElementById('output').textContent") == "JULIET" + expected
+    assert browser.evaluate("sessionStorage.getItem('rnnkit-api-key')") == key  # kept for this tab
+    assert browser.evaluate("document.getElementById('key-card').hidden") is True
+    # Both models are offered; choosing the classifier shows its panel, and its requests carry the key too.
+    assert browser.evaluate("[...document.querySelectorAll('#model option')].map(o => o.value)") == ["cls", "lm"]
+    browser.evaluate("const s = document.getElementById('model'); s.value = 'cls'; s.dispatchEvent(new Event('change'));"
+                     "document.getElementById('texts').value = 'a good film'; document.getElementById('classify').click()")
+    browser.wait_for("document.querySelector('#results[data-done]')")
+    assert browser.evaluate("document.getElementById('lm').hidden") is True
+    assert browser.evaluate("document.querySelectorAll('.result').length") == 1
+    # A reload in the same tab does not ask again.
+    browser.open(base + "?model=lm")
+    browser.wait_for("document.getElementById('summary').textContent.includes('language model')")
+    assert browser.evaluate("document.getElementById('key-card').hidden") is True
