@@ -379,3 +379,29 @@ def test_keys_never_reach_the_log(paths, tmp_path):
         assert secret not in log
     assert "Traceback" not in log
 
+
+
+@pytest.mark.slow
+def test_a_client_leaving_a_stream_is_noticed_at_once(paths):
+    """Between events the server looks at its sockets: a client that left is not written to token after token."""
+    proc, port = _start(paths, "--log-level", "warning", "--max-length", "5000")
+    try:
+        body = json.dumps({"length": 5000}).encode()
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+            sock.sendall(b"POST /generate/stream HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            sock.recv(100)  # the answer has started
+            sock.close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            assert http.post("/generate", json={"length": 5}).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        log = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        proc.stdout.close()
+    assert "socket.send() raised exception" not in log and "Traceback" not in log

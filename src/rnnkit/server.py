@@ -724,6 +724,9 @@ async def _iterate_on(pool: ThreadPoolExecutor, items: Iterator[str]) -> AsyncIt
     job = loop.run_in_executor(pool, produce)
     try:
         while (item := await arrived.get()) is not done:
+            # Let the loop look at its sockets between items: a queue already full never suspends, and a
+            # client that left would be written to (and warned about) once per item before anyone noticed.
+            await asyncio.sleep(0)
             yield item
         await job  # a failure in the worker surfaces here
     finally:
