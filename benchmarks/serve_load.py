@@ -89,10 +89,12 @@ def build_checkpoint(folder: Path, *, hidden: int, layers: int) -> Path:
 class Server:
     """`rnnkit serve` in a subprocess on a free loopback port; its stderr is kept for the report."""
 
-    def __init__(self, checkpoint: Path, *, workers: int, threads: int, max_request_bytes: int) -> None:
+    def __init__(self, checkpoint: Path, *, workers: int, threads: int, max_request_bytes: int, clients: int) -> None:
+        # Every client here shares one address: the per-client limit must leave room for all of them.
         argv = [sys.executable, "-m", "rnnkit", "serve", "--checkpoint", str(checkpoint), "--port", "0",
                 "--workers", str(workers), "--threads", str(threads), "--log-level", "warning",
-                "--max-request-bytes", str(max_request_bytes), "--max-length", "1000"]
+                "--max-request-bytes", str(max_request_bytes), "--max-length", "1000",
+                "--max-client-requests", str(clients)]
         self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
         first = self.proc.stderr.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", first)
@@ -237,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = build_checkpoint(Path(tmp), hidden=args.hidden, layers=args.layers)
         common.log(f"serve_load: {args.layers}x{args.hidden} LSTM, {args.workers} workers x {args.threads} "
                    f"threads; {args.clients} clients, {args.requests} requests of {args.length} tokens")
-        server = Server(checkpoint, workers=args.workers, threads=args.threads, max_request_bytes=4 * chunk)
+        # Room for a feed of `chunk` characters even if each were sent \u-escaped (the schema's string limits).
+        server = Server(checkpoint, workers=args.workers, threads=args.threads, max_request_bytes=12 * chunk + 1024,
+                        clients=args.clients)
         try:
             rss_start = server.rss_mib()
             run_load(server.port, jobs(args.warmup, text=text, length=args.length, seed=10**6), args.clients)

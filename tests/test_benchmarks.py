@@ -55,3 +55,17 @@ def test_serve_load_quick_run_answers_every_request():
     assert all(result[key] > 0 for key in ("requests_per_s", "p50_ms", "p99_ms"))
     rows = result["session_continuation"]["per_history"]
     assert [r["history_tokens"] for r in rows] == [100, 1000] and all(r["session_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_serve_soak_quick_run_gets_only_the_answers_it_expects():
+    """The soak script's mixed traffic (good, bad, unauthenticated) on a real server: no 5xx, no surprise status."""
+    pytest.importorskip("fastapi", reason="the serve benchmark needs the serve extra")
+    proc = subprocess.run([sys.executable, str(BENCH / "serve_soak.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["server_errors"] == 0 and result["unexpected"] == 0, result["unexpected_examples"]
+    assert result["client_crashes"] == [] and result["server_tracebacks"] == 0 and result["server_exit_code"] == 0
+    assert all(n > 0 for n in result["by_kind"].values()) and result["statuses"]["401"] > 0
+    assert all(result["server_rss_mib"][key] > 0 for key in ("start", "after_warmup", "end"))

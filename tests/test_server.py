@@ -8,7 +8,9 @@ library's own generate/classify on the same checkpoint.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from rnnkit.models.language_model import LanguageModel  # noqa: E402
 from rnnkit.server import create_app  # noqa: E402
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n"
-LIMITS = ServeLimits(max_length=60, max_samples=3, max_texts=4, max_request_bytes=4000, max_sessions=3,
+LIMITS = ServeLimits(max_length=60, max_samples=3, max_texts=4, max_request_bytes=40_000, max_sessions=3,
                      session_idle=60)
 
 
@@ -127,11 +129,12 @@ def test_health_model_and_openapi(client):
     assert info["training"] == {"step": 7, "best_val_loss": 1.5} and info["default_prime"] == "ROMEO"
     assert info["model"]["hidden"] == 32 and info["window"] == 0
     schema = client.get("/openapi.json").json()
-    assert {"/generate", "/generate/stream", "/classify", "/sessions", "/sessions/{sid}/feed",
-            "/sessions/{sid}/generate"} <= set(schema["paths"])
+    assert {"/health", "/models", "/model", "/generate", "/generate/stream", "/sessions", "/sessions/{sid}",
+            "/sessions/{sid}/feed", "/sessions/{sid}/generate"} == set(schema["paths"])  # no /classify: no classifier
     # The server's limits are part of the schema.
-    length = schema["components"]["schemas"]["GenerateRequest"]["properties"]["length"]
-    assert length["maximum"] == LIMITS.max_length
+    properties = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert properties["length"]["maximum"] == LIMITS.max_length
+    assert properties["prime"]["maxLength"] * 12 + 512 <= LIMITS.max_request_bytes  # any valid prime fits the body
 
 
 def test_the_page_is_served(client):
@@ -175,21 +178,38 @@ def test_stream_sends_the_same_text_piece_by_piece(client):
     response = client.post("/generate/stream", json=body)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     stream = events(response.text)
-    assert stream[0] == ("start", {"prime": "ROMEO:", "seed": 11, "unknown": []})
+    assert stream[0] == ("start", {"model": "lm", "prime": "ROMEO:", "seed": 11, "unknown": []})
     pieces = [data["text"] for name, data in stream if name == "token"]
     assert len(pieces) == 25  # char level: one event per token
     assert stream[-1] == ("done", {"tokens": 25, "text": "".join(pieces)})
     assert "".join(pieces) == post(client, "/generate", body)["texts"][0]
 
 
-def test_unknown_characters_in_the_prime(client):
-    response = client.post("/generate", json={"prime": "ROMEO€", "length": 5})
-    assert response.status_code == 422 and "'€'" in response.json()["error"]
-    assert '"unknown": "skip"' in response.json()["error"]  # the hint names the request field
-    answer = post(client, "/generate", {"prime": "ROMEO€", "length": 5, "unknown": "skip"})
-    assert answer["unknown"] == ["€"] and len(answer["texts"][0]) == 5
-    response = client.post("/generate/stream", json={"prime": "€€", "length": 5, "unknown": "skip"})
-    assert response.status_code == 422 and "empty after tokenization" in response.json()["error"]
+def test_unknown_characters_in_the_prime_are_skipped_and_listed(client):
+    answer = post(client, "/generate", {"prime": "ROMEO€", "length": 5, "temperature": 0})
+    assert answer["unknown"] == ["€"] and answer["prime"] == "ROMEO€"
+    assert answer["texts"] == post(client, "/generate", {"prime": "ROMEO", "length": 5, "temperature": 0})["texts"]
+    # Nothing readable at all: the model's default prime, as for an empty one.
+    answer = post(client, "/generate", {"prime": "€€", "length": 5, "temperature": 0})
+    assert answer["prime"] == "ROMEO" and answer["unknown"] == ["€"]
+    stream = events(client.post("/generate/stream", json={"prime": "€€", "length": 5, "temperature": 0}).text)
+    assert stream[0][1]["prime"] == "ROMEO" and stream[-1][1]["text"] == answer["texts"][0]
+
+
+def test_lone_surrogates_are_read_as_the_replacement_character(client, cls_client):
+    raw = '{"prime": "RO\\ud800MEO", "length": 3, "temperature": 0}'  # JSON may carry one; it is no character
+    response = client.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and response.json()["unknown"] == ["\ufffd"]
+    assert response.json()["prime"] == "RO\ufffdMEO"
+    raw = '{"texts": ["a good \\udfff film"]}'
+    response = cls_client.post("/classify", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and response.json()["results"][0]["unknown"] == ["\ufffd"]
+
+
+def test_whole_numbers_written_with_a_point_are_integers(client):
+    """JSON has one number type: 10.0 is the integer 10 (as JSON Schema says), 2.5 is not."""
+    assert post(client, "/generate", {"length": 10.0, "seed": 3.0, "temperature": 0})["tokens"] == 10
+    assert client.post("/generate", json={"length": 2.5}).status_code == 422
 
 
 # ---------------------------------------------------------------- bad requests
@@ -205,6 +225,10 @@ def test_unknown_characters_in_the_prime(client):
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"seed": -1}, "seed"),
+    ({"seed": 2**53}, "seed"),  # seeds stay exact in every JSON client
+    ({"unknown": "error"}, "unknown"),  # the server never refuses text for what it holds
+    ({"prime": "R" * 3300}, "prime"),  # longer than maxLength: could not fit the body limit once escaped
+    ({"model": "nope"}, "model"),
     ({"length": "10"}, "length"),
     ({"length": 2.5}, "length"),
     ({"prime": 5}, "prime"),
@@ -230,10 +254,10 @@ def test_malformed_bodies_are_422(client, raw, message):
 
 
 def test_oversized_bodies_are_413_declared_or_streamed(client):
-    big = json.dumps({"prime": "R" * 5000}).encode()
+    big = json.dumps({"prime": "R" * 50_000}).encode()
     response = client.post("/generate", content=big, headers={"Content-Type": "application/json"})
-    assert response.status_code == 413 and "4,000 bytes" in response.json()["error"]
-    chunks = iter([big[:3000], big[3000:]])  # no Content-Length: counted while it arrives
+    assert response.status_code == 413 and "40,000 bytes" in response.json()["error"]
+    chunks = iter([big[:30_000], big[30_000:]])  # no Content-Length: counted while it arrives
     response = client.post("/generate", content=chunks, headers={"Content-Type": "application/json"})
     assert response.status_code == 413
 
@@ -262,12 +286,19 @@ def test_classify_gives_labels_and_probabilities(cls_client, paths):
     assert info["labels"] == ["neg", "pos"] and info["level"] == "word" and "default_prime" not in info
 
 
-def test_classify_limits_and_empty_texts(cls_client):
+def test_classify_limits_and_texts_without_tokens(cls_client):
     assert cls_client.post("/classify", json={"texts": []}).status_code == 422
     assert cls_client.post("/classify", json={"texts": ["a"] * 5}).status_code == 422
-    response = cls_client.post("/classify", json={"texts": ["a good film", "   "]})
-    assert response.status_code == 422 and "position(s) 1" in response.json()["error"]
-    assert cls_client.post("/classify", json={"texts": [" "]}).status_code == 422
+    answer = post(cls_client, "/classify", {"texts": ["a good film", "   ", ""]})
+    assert answer["results"][0]["label"] in ("neg", "pos") and answer["results"][0]["tokens"] == 3
+    # Nothing to read: no label rather than a made-up one.
+    assert answer["results"][1:] == [{"label": None, "probability": None, "probabilities": None, "tokens": 0,
+                                      "unknown": []}] * 2
+    assert post(cls_client, "/classify", {"texts": [" "]})["results"][0]["label"] is None
+    # A word vocabulary reads unknown words as <unk>, or skips them when asked.
+    unk = post(cls_client, "/classify", {"texts": ["a zebra film"]})["results"][0]
+    skip = post(cls_client, "/classify", {"texts": ["a zebra film"], "unknown": "skip"})["results"][0]
+    assert (unk["tokens"], unk["unknown"], skip["tokens"], skip["unknown"]) == (3, ["zebra"], 2, ["zebra"])
 
 
 # ---------------------------------------------------------------- sessions
@@ -275,8 +306,8 @@ def test_classify_limits_and_empty_texts(cls_client):
 
 def test_a_session_continues_like_one_prime_of_its_whole_history(client):
     sid = post(client, "/sessions", {"text": "JULIET: Ay"}, status=201)["id"]
-    assert post(client, f"/sessions/{sid}/feed", {"text": " me."}) == {"id": sid, "tokens": 14, "fed": 4,
-                                                                      "unknown": []}
+    assert post(client, f"/sessions/{sid}/feed", {"text": " me."}) == {"id": sid, "model": "lm", "tokens": 14,
+                                                                      "fed": 4, "unknown": []}
     first = post(client, f"/sessions/{sid}/generate", {"length": 12, "temperature": 1.0, "seed": 2})
     assert first["tokens"] == 26
     assert first["text"] == post(client, "/generate", {"prime": "JULIET: Ay me.", "length": 12,
@@ -324,11 +355,12 @@ def test_an_empty_session_starts_from_the_default_prime(client):
 
 
 def test_session_errors(client):
-    assert client.post("/sessions/nope/feed", json={"text": "a"}).status_code == 404
-    assert client.post("/sessions/nope/generate", json={}).status_code == 404
+    assert client.post("/sessions/nope-nope-nope-n/feed", json={"text": "a"}).status_code == 404
+    assert client.post("/sessions/nope-nope-nope-n/generate", json={}).status_code == 404
+    assert client.get("/sessions/short").status_code == 422  # not the shape of a session id
     sid = post(client, "/sessions", {}, status=201)["id"]
-    response = client.post(f"/sessions/{sid}/feed", json={"text": "€"})
-    assert response.status_code == 422 and response.json()["error"].startswith("text: ")
+    assert post(client, f"/sessions/{sid}/feed", {"text": "€"}) == {"id": sid, "model": "lm", "tokens": 0, "fed": 0,
+                                                                   "unknown": ["€"]}
     assert client.post(f"/sessions/{sid}/generate", json={"length": 61}).status_code == 422
     assert client.delete(f"/sessions/{sid}").status_code == 204
     assert client.get(f"/sessions/{sid}").status_code == 404
@@ -355,7 +387,7 @@ def test_concurrent_requests_give_what_they_give_alone(lm):
     """Many requests at once on a 3-thread pool: each one's text depends on its own seed only."""
     import httpx
 
-    app = create_app(lm, limits=LIMITS, workers=3)
+    app = create_app(lm, limits=dataclasses.replace(LIMITS, max_client_requests=24), workers=3)
     bodies = [{"prime": "ROMEO", "length": 40, "temperature": 1.0, "seed": s} for s in range(12)]
 
     async def all_at_once():
@@ -505,9 +537,11 @@ def live_server(paths):
     """`rnnkit serve` in a subprocess on a free port of 127.0.0.1; yields (base URL, checkpoint kind) makers."""
     procs = []
 
-    def start(kind: str) -> str:
-        proc = subprocess.Popen([sys.executable, "-m", "rnnkit", "serve", "--checkpoint", str(paths[kind]),
-                                 "--port", "0", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    def start(*kinds: str, env: dict[str, str] | None = None) -> str:
+        checkpoints = [arg for kind in kinds for arg in ("--checkpoint", f"{kind}={paths[kind]}")]
+        proc = subprocess.Popen([sys.executable, "-m", "rnnkit", "serve", *checkpoints, "--port", "0",
+                                 "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **(env or {})})
         procs.append(proc)
         line = proc.stderr.readline()  # "rnnkit: serving ... on http://127.0.0.1:PORT/ ..."
         match = re.search(r"http://127\.0\.0\.1:\d+/", line)
@@ -553,3 +587,34 @@ def test_the_page_draws_probability_bars_for_a_classifier(live_server, browser):
     for row, result in zip(shown, expected["results"], strict=True):
         assert row["bars"] == [[label, f"{100 * p:.1f}%", pytest.approx(100 * p, abs=0.06)]
                                for label, p in result["probabilities"].items()]
+
+
+@pytest.mark.slow
+def test_the_page_asks_for_the_key_once_and_lets_you_pick_a_model(live_server, browser):
+    key = "page-key-0123456789abcdef"
+    base = live_server("cls", "lm", env={"RNNKIT_API_KEY": key})
+    browser.open(base + "?model=lm&prime=JULIET&length=30&temperature=0&run=1")
+    browser.wait_for("!document.getElementById('key-card').hidden")
+    assert browser.evaluate("document.getElementById('lm').hidden") is True  # nothing shown before the key
+    browser.evaluate(f"document.getElementById('api-key').value = {json.dumps(key)}; "
+                     "document.getElementById('use-key').click()")
+    browser.wait_for("document.querySelector('#output[data-done]')")
+    request = urllib.request.Request(base + "generate", data=json.dumps(
+        {"model": "lm", "prime": "JULIET", "length": 30, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        expected = json.loads(response.read())["texts"][0]
+    assert browser.evaluate("document.getElementById('output').textContent") == "JULIET" + expected
+    assert browser.evaluate("sessionStorage.getItem('rnnkit-api-key')") == key  # kept for this tab
+    assert browser.evaluate("document.getElementById('key-card').hidden") is True
+    # Both models are offered; choosing the classifier shows its panel, and its requests carry the key too.
+    assert browser.evaluate("[...document.querySelectorAll('#model option')].map(o => o.value)") == ["cls", "lm"]
+    browser.evaluate("const s = document.getElementById('model'); s.value = 'cls'; s.dispatchEvent(new Event('change'));"
+                     "document.getElementById('texts').value = 'a good film'; document.getElementById('classify').click()")
+    browser.wait_for("document.querySelector('#results[data-done]')")
+    assert browser.evaluate("document.getElementById('lm').hidden") is True
+    assert browser.evaluate("document.querySelectorAll('.result').length") == 1
+    # A reload in the same tab does not ask again.
+    browser.open(base + "?model=lm")
+    browser.wait_for("document.getElementById('summary').textContent.includes('language model')")
+    assert browser.evaluate("document.getElementById('key-card').hidden") is True

@@ -180,8 +180,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     if not 0 <= args.port <= 65535:
         raise RnnkitError(f"--port must be in 0..65535, got {args.port}")
-    server.serve(args.checkpoint, host=args.host, port=args.port, limits=limits, workers=args.workers,
-                 threads=args.threads, log_level=args.log_level)
+    checkpoints = server.parse_checkpoints(args.checkpoint)
+    keys = server.api_keys(key=args.api_key, key_file=args.api_key_file)
+    server.serve(checkpoints, host=args.host, port=args.port, limits=limits, workers=args.workers,
+                 threads=args.threads, log_level=args.log_level, keys=keys, cors_origins=args.cors_origin or (),
+                 shutdown_timeout=args.shutdown_timeout)
     return 0
 
 
@@ -351,24 +354,40 @@ def _vocab_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
-    srv = sub.add_parser("serve", help="serve a checkpoint over HTTP: JSON API, streaming, sessions, a web page",
-                         description="Serve one checkpoint over HTTP (needs `pip install 'rnnkit[serve]'`): "
-                                     "GET / is a web page, GET /docs the API; the model is loaded once and "
-                                     "requests run on a pool of worker threads.")
-    srv.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or checkpoint folder")
-    srv.add_argument("--host", default="127.0.0.1",
+    srv = sub.add_parser("serve", help="serve checkpoints over HTTP: JSON API, streaming, sessions, a web page",
+                         description="Serve one or several checkpoints over HTTP (needs `pip install "
+                                     "'rnnkit[serve]'`): GET / is a web page, GET /docs the API; each model is "
+                                     "loaded once and requests run on a pool of worker threads. SIGTERM stops "
+                                     "accepting connections, lets running requests finish and exits 0.")
+    srv.add_argument("--checkpoint", required=True, action="append", metavar="[NAME=]DIR",
+                     help="a run directory or checkpoint folder, optionally named (default name: the run "
+                          "directory's); repeat to serve several; the first of each task is its default")
+    srv.add_argument("--host", default=None,
                      help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port; default: 8000)")
+    srv.add_argument("--api-key", metavar="KEY",
+                     help="require this key as 'Authorization: Bearer KEY' on every endpoint but /health "
+                          "(others on this machine can read a command line: prefer RNNKIT_API_KEY or "
+                          "--api-key-file)")
+    srv.add_argument("--api-key-file", metavar="FILE",
+                     help="accept each key in FILE, one per line (# starts a comment); adds to --api-key and "
+                          "$RNNKIT_API_KEY")
+    srv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                     help="let web pages from ORIGIN (e.g. https://example.org) call the API; repeatable "
+                          "(default: none, so only the server's own page can)")
     srv.add_argument("--workers", type=int, default=2,
                      help="threads that run model work concurrently (default: 2)")
     srv.add_argument("--threads", type=int, default=1,
                      help="torch threads per request (0: torch's default; default: 1)")
     for f in dataclasses.fields(ServeLimits):
         srv.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                         metavar="SECONDS" if f.type == "float" else "N",
-                         help=f"{f.metadata['help']} (default: {f.default:g})")
+                         metavar=f.metadata.get("metavar", "N"),
+                         help=f"{f.metadata['help']} (default: "
+                              f"{f'{f.default:g}' if isinstance(f.default, float) else f.default})")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="on SIGTERM or Ctrl-C: how long running requests may take to finish (default: 30)")
     srv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
-                     help="server log detail on stderr; info logs every request (default: info)")
+                     help="server log detail on stderr; info logs every request, never a key (default: info)")
     srv.set_defaults(func=cmd_serve)
 
 

@@ -215,9 +215,18 @@ class ServeLimits:
     max_length: int = knob(1000, "most tokens one request may generate")
     max_samples: int = knob(8, "most samples one /generate may ask for")
     max_texts: int = knob(64, "most texts one /classify may send")
-    max_request_bytes: int = knob(256 * 1024, "largest request body accepted, in bytes (bounds a prime or a feed)")
+    max_request_bytes: int = knob(1024 * 1024, "largest request body accepted, in bytes (bounds a prime, a feed "
+                                               "and the texts to classify)", metavar="BYTES")
+    max_request_seconds: float = knob(60.0, "longest a request may take, its wait for a worker included: 503 if "
+                                            "no worker came free in time, 504 if its work ran over",
+                                      metavar="SECONDS")
+    max_client_requests: int = knob(8, "requests one client (its API key, or its address when there are no keys) "
+                                       "may have in progress at once; more get 429")
     max_sessions: int = knob(256, "live sessions kept; a new one evicts the least recently used")
-    session_idle: float = knob(900.0, "seconds a session may sit unused before it is dropped")
+    max_session_mib: float = knob(256.0, "memory all sessions may hold together (recurrent states, recent "
+                                          "tokens), in MiB; over it the least recently used are evicted",
+                                  metavar="MIB")
+    session_idle: float = knob(900.0, "seconds a session may sit unused before it is dropped", metavar="SECONDS")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
