@@ -8,7 +8,7 @@
   ``torch.inference_mode``) over the last 40 tokens from a zero state and
   sample from the last position's logits.
 * batched64: ``generate(..., num_samples=64)``; characters counted over all 64.
-* bind_ms: what each ``generate()`` call (each ``Stream``) pays once before its
+* bind_ms: what each ``generate()`` call (each ``Stream.sample``) pays once before its
   first step: ``model.stepper()`` lays the weights out for the one-token step
   (``[W_ih|W_hh]^T`` per layer, summed biases, the input table). Included in
   the stateful and batched64 figures; reported apart to show its share.

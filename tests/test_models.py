@@ -280,7 +280,7 @@ def test_a_fed_token_and_a_sampled_token_advance_a_stream_alike():
     assert all(torch.equal(a, b) for a, b in zip(sampled.state, fed.state, strict=True))
 
 
-def test_a_stream_binds_the_step_once_and_a_new_stream_follows_new_weights(monkeypatch):
+def test_a_stream_binds_the_step_once_per_call_and_follows_new_weights(monkeypatch):
     model = make("lstm")
     binds = []
     stepper = model.stepper
@@ -289,15 +289,18 @@ def test_a_stream_binds_the_step_once_and_a_new_stream_follows_new_weights(monke
     stream.feed([1, 5, 7])  # a run of tokens: forward, nothing bound
     assert binds == []
     first = torch.cat(list(stream.sample(length=3, temperature=0))).tolist()
-    stream.feed([4])  # a lone token: the same bound step
-    list(stream.sample(length=2, temperature=0))
-    assert binds == [1]  # once per stream, not per call or per token
-    history = [1, 5, 7, *first, 4]
-    with torch.no_grad():
-        model.recurrent.rnn.weight_hh_l0.add_(0.5)  # in place, as optimizer.step does
-        expected = model(torch.tensor([history]))[0][:, -1]  # (1, V) under the new weights
-    fresh = Stream(model)
-    fresh.feed(history[:-1])
-    fresh.feed(history[-1:])  # a lone token: this stream binds the new weights
+    assert binds == [1]  # once per call, not per token
+    stream.feed([4])  # a lone token: one step, bound for it
     assert binds == [1, 1]
-    torch.testing.assert_close(fresh.logits, expected, rtol=0, atol=1e-5)
+    history = [1, 5, 7, *first, 4]
+    old = make("lstm")  # the same seed: the weights before the change
+    with torch.no_grad():
+        _, state = model(torch.tensor([history]))  # what the stream holds, read under the old weights
+        model.recurrent.rnn.weight_hh_l0.add_(0.5)  # in place, as optimizer.step does
+    (token,) = stream.sample(length=1, temperature=0)  # the next call binds the new weights
+    assert binds == [1, 1, 1]
+    with torch.no_grad():
+        expected, _ = model(token.view(1, 1), state)  # the last token under the new weights: (1, 1, V)
+        old_weights, _ = old(token.view(1, 1), state)
+    torch.testing.assert_close(stream.logits, expected[:, 0], rtol=0, atol=1e-5)
+    assert (stream.logits - old_weights[:, 0]).abs().max() > 1e-3  # so the change did reach the stream

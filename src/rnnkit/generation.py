@@ -89,10 +89,10 @@ class Stream:
     take it where training never went).
 
     In eval mode each new token, sampled or fed on its own, is one call of the
-    model's one-token step (``model.stepper()``), bound the first time the
-    stream needs it and kept for the stream's life: a session pays the weights'
-    layout once, not per request. So a stream computes with the weights of
-    that moment; after changing them (training), start a new stream.
+    model's one-token step, bound (``model.stepper()``: the weights laid out for
+    the step) once per :meth:`sample` call and once per lone fed token, so a
+    stream follows the weights as they are at each call and keeps no copy of
+    them between calls (a server holds many streams of one model).
 
     A stream is not thread-safe: one caller at a time (the model may be shared).
     """
@@ -106,7 +106,6 @@ class Stream:
         self.state = None  # carried state; None before the first token
         self.logits: torch.Tensor | None = None  # (N, V) prediction after the last token read
         self.recent: torch.Tensor | None = None  # (N, <=window) the last tokens, windowed models only
-        self.stepper = None  # the model's bound one-token step, from the first token stepped on
 
     @torch.inference_mode()
     def feed(self, ids: Sequence[int] | torch.Tensor) -> None:
@@ -143,16 +142,16 @@ class Stream:
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         if self.tokens == 0:
             raise RnnkitError("the stream has read nothing yet: feed at least one token to start from")
-        # Eval mode: each new token is one call of the bound one-token step. A windowed model
-        # re-reads its window with forward instead; so does a model in training mode (dropout
-        # on), one length-1 window per token, as training reads.
-        stepping = not self.window and not self.model.training
+        # Eval mode: each new token is one call of the one-token step, bound here once per call.
+        # A windowed model re-reads its window with forward instead; so does a model in training
+        # mode (dropout on), one length-1 window per token, as training reads.
+        step = None if self.window or self.model.training else self.model.stepper()
         for _ in range(length):
             # Sampling runs on the CPU so that a seeded CPU generator gives the same text on any device.
             nxt = sample_next(self._next_logits().float().cpu(), temperature=temperature, top_k=top_k,
                               top_p=top_p, generator=generator)
-            if stepping:
-                self._step(nxt.to(self.device))  # (N,)
+            if step is not None:
+                self._step(nxt.to(self.device), step)  # (N,)
             else:
                 self._read(nxt.to(self.device).unsqueeze(1))  # (N, 1)
             yield nxt
@@ -163,12 +162,10 @@ class Stream:
             return logits[:, -1]
         return self.logits
 
-    def _step(self, ids: torch.Tensor) -> None:
-        """Advance every row by one token, ids (N,), with the model's bound one-token step."""
-        if self.stepper is None:
-            self.stepper = self.model.stepper()  # lays the weights out for the step, once per stream
+    def _step(self, ids: torch.Tensor, step) -> None:
+        """Advance every row by one token, ids (N,), with a bound one-token step."""
         self.tokens += 1
-        self.logits, self.state = self.stepper(ids, self.state)  # (N, V)
+        self.logits, self.state = step(ids, self.state)  # (N, V)
 
     def _read(self, x: torch.Tensor) -> None:
         """Advance every row over x (N, T).
@@ -185,7 +182,7 @@ class Stream:
             self.recent = recent[:, -self.window:]
             return
         if x.shape[1] == 1 and not self.model.training:
-            self._step(x[:, 0])  # (N,)
+            self._step(x[:, 0], self.model.stepper())  # (N,)
             return
         self.tokens += x.shape[1]
         for chunk in x.split(READ_CHUNK, dim=1) if x.shape[1] > READ_CHUNK else (x,):
