@@ -8,6 +8,10 @@
   ``torch.inference_mode``) over the last 40 tokens from a zero state and
   sample from the last position's logits.
 * batched64: ``generate(..., num_samples=64)``; characters counted over all 64.
+* bind_ms: what each ``generate()`` call (each ``Stream.sample``) pays once before its
+  first step: ``model.stepper()`` lays the weights out for the one-token step
+  (``[W_ih|W_hh]^T`` per layer, summed biases, the input table). Included in
+  the stateful and batched64 figures; reported apart to show its share.
 * refeed_warm_malloc: the refeed loop again with glibc told to keep big
   blocks. Each fused ``nn.LSTM`` call on CPU allocates ~16 MB of scratch (the
   weights re-laid out for oneDNN) and, with a fresh process's malloc settings,
@@ -122,6 +126,14 @@ def main(argv: list[str] | None = None) -> None:
         run(min(L, 10 if name.startswith("refeed") else 50))
         common.log(f"  warm-up {name}: {common.now() - t0:.2f} s")
 
+    bind_ms = []
+    with torch.inference_mode():
+        for _ in range(7):
+            t0 = common.now()
+            model.stepper()
+            bind_ms.append((common.now() - t0) * 1e3)
+    common.log(f"  binding the one-token step: {common.median(bind_ms):.2f} ms (median of 7)")
+
     names = list(cases)
     per_repeat: dict[str, list[float]] = {name: [] for name in names}
     faults: dict[str, list[float]] = {name: [] for name in names}
@@ -175,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         "speedup_of_best": round(max(per_repeat["stateful"]) / max(per_repeat["refeed"]), 2),
         "batched64_chars_per_s": round(med["batched64"], 1),
         "batched64_vs_stateful": round(med["batched64"] / med["stateful"], 2),
+        "bind_ms": round(common.median(bind_ms), 2),
+        "bind_share_of_stateful_run": round(common.median(bind_ms) / 1e3 * med["stateful"] / L, 4),
         "target_speedup": TARGET_SPEEDUP,
         "meets_target": bool(speedup >= TARGET_SPEEDUP),
     }

@@ -3,7 +3,9 @@
 Same parameters in, same numbers out: outputs, final states and gradients
 agree to 1e-5 (float32) for every cell type, one to three layers, batch-first
 input and a carried state; state_dicts, checkpoints and optimizer parameter
-order are interchangeable between the backends.
+order are interchangeable between the backends. The fused-gate step that
+generation runs (``FusedStep``) agrees with ``torch.nn.*Cell`` too, on every
+path it has.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rnnkit.config import ModelConfig, RunConfig
 from rnnkit.data.tokenizers import CharTokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.generation import generate_ids
-from rnnkit.models.cells import CELL_MODULES, GRUCell, LSTMCell, RNNCell
+from rnnkit.models.cells import CELL_MODULES, FusedStep, GRUCell, LSTMCell, RNNCell
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.models.recurrent import Recurrent, ScratchStack
 
@@ -88,6 +90,105 @@ def test_cells_start_from_a_zero_state_and_keep_torch_init_bounds():
     assert normal.bias_ih.abs().max() == 0 and 0.008 < normal.weight_hh.std() < 0.012
     with pytest.raises(ValueError, match="nonlinearity"):
         RNNCell(4, 6, nonlinearity="sigmoid")
+
+
+# ---------------------------------------------------------------- the fused-gate step vs torch.nn.*Cell
+
+# float32 to 1e-5 as everywhere; float64 shows the step is the same function, not a close one.
+TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def torch_cell_stack(cell: str, nonlinearity: str, *, layers: int, input_size: int, hidden: int,
+                     dtype: torch.dtype) -> list[nn.Module]:
+    kw = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+    return [TORCH_CELLS[cell](input_size if k == 0 else hidden, hidden, **kw).to(dtype) for k in range(layers)]
+
+
+def run_torch_cells(cells: list[nn.Module], x: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+    """One time step through stacked torch cells; state as the stack's: tuple of (L, B, H)."""
+    hs, cs = [], []
+    for k, cell in enumerate(cells):
+        if isinstance(cell, nn.LSTMCell):
+            x, c = cell(x, (state[0][k], state[1][k]))
+            cs.append(c)
+        else:
+            x = cell(x, state[0][k])
+        hs.append(x)
+    return x, ((torch.stack(hs), torch.stack(cs)) if cs else (torch.stack(hs),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("cell,nonlinearity", KINDS)
+def test_fused_step_equals_torch_cells(cell, nonlinearity, layers, dtype):
+    torch.manual_seed(3)
+    cells = torch_cell_stack(cell, nonlinearity, layers=layers, input_size=5, hidden=9, dtype=dtype)
+    weights = [(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in cells]
+    step = FusedStep(cell, weights, nonlinearity=nonlinearity)
+    assert step.num_layers == layers and step.hidden == 9
+    x = torch.randn(3, 5, dtype=dtype)
+    state = tuple(torch.randn(layers, 3, 9, dtype=dtype) for _ in range(2 if cell == "lstm" else 1))
+    with torch.no_grad():
+        expected, expected_state = run_torch_cells(cells, x, state)
+        got, got_state = step(x, state)
+        # A zero state is what None means.
+        zeros = tuple(torch.zeros_like(s) for s in state)
+        from_none = step(x, None)
+        from_zeros = run_torch_cells(cells, x, zeros)
+    tol = TOLERANCES[dtype]
+    assert got.dtype == dtype and got.shape == (3, 9)
+    assert (got - expected).abs().max() <= tol
+    assert max_diff(got_state, expected_state) <= tol
+    assert (from_none[0] - from_zeros[0]).abs().max() <= tol and max_diff(from_none[1], from_zeros[1]) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell,nonlinearity", [k for k in KINDS if k[0] != "gru"])
+def test_fused_step_from_a_projected_input_equals_torch_cells(cell, nonlinearity, dtype):
+    """``projected``: layer 0 gets W_ih x + b_ih + b_hh instead of x, as from a language model's table."""
+    torch.manual_seed(4)
+    cells = torch_cell_stack(cell, nonlinearity, layers=2, input_size=6, hidden=8, dtype=dtype)
+    weights = [(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in cells]
+    step = FusedStep(cell, weights, nonlinearity=nonlinearity, projected=True)
+    x = torch.randn(4, 6, dtype=dtype)
+    state = tuple(torch.randn(2, 4, 8, dtype=dtype) for _ in range(2 if cell == "lstm" else 1))
+    with torch.no_grad():
+        projected = torch.nn.functional.linear(x, cells[0].weight_ih, cells[0].bias_ih + cells[0].bias_hh)
+        got, got_state = step(projected, state)  # (4, G*H) in
+        expected, expected_state = run_torch_cells(cells, x, state)
+    tol = TOLERANCES[dtype]
+    assert (got - expected).abs().max() <= tol
+    assert max_diff(got_state, expected_state) <= tol
+
+
+def test_fused_step_binds_a_copy_of_the_weights():
+    """Binding lays the weights out once; an in-place change reaches a step bound after it, not before."""
+    torch.manual_seed(5)
+    cells = torch_cell_stack("lstm", "tanh", layers=1, input_size=4, hidden=6, dtype=torch.float32)
+    weights = [(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in cells]
+    x, state = torch.randn(2, 4), (torch.randn(1, 2, 6), torch.randn(1, 2, 6))
+    with torch.no_grad():
+        old = FusedStep("lstm", weights)
+        before = old(x, state)[0]
+        cells[0].weight_hh.mul_(2.0)  # as optimizer.step or load_state_dict would, in place
+        new = FusedStep("lstm", weights)
+        expected = run_torch_cells(cells, x, state)[0]
+        assert torch.equal(old(x, state)[0], before)
+        assert (new(x, state)[0] - expected).abs().max() <= ATOL
+        assert (before - expected).abs().max() > 1e-3
+
+
+def test_fused_step_rejects_what_it_cannot_compute():
+    cells = torch_cell_stack("gru", "tanh", layers=1, input_size=4, hidden=6, dtype=torch.float32)
+    weights = [(c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh) for c in cells]
+    with pytest.raises(ValueError, match="projected"):  # r gates W_hn h + b_hn alone: no summed product
+        FusedStep("gru", weights, projected=True)
+    with pytest.raises(ValueError, match="unknown cell"):
+        FusedStep("mingru", weights)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        FusedStep("rnn", weights, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="at least one layer"):
+        FusedStep("lstm", [])
 
 
 # ---------------------------------------------------------------- scratch stack vs fused module

@@ -324,14 +324,14 @@ def test_continuing_a_session_reads_only_the_new_tokens(client, lm, monkeypatch)
     """The history is never re-read: each continuation costs one step per new token."""
     sid = post(client, "/sessions", {"text": TEXT * 20}, status=201)["id"]
     read = []
-    forward, step_fn = lm.model.forward, lm.model.step_fn
+    forward, stepper = lm.model.forward, lm.model.stepper
     monkeypatch.setattr(lm.model, "forward", lambda ids, state=None: (read.append(ids.numel()), forward(ids, state))[1])
 
-    def counted_step_fn():  # generation's bound one-token step
-        step = step_fn()
+    def counted_stepper():  # generation's bound one-token step
+        step = stepper()
         return lambda ids, state: (read.append(ids.numel()), step(ids, state))[1]
 
-    monkeypatch.setattr(lm.model, "step_fn", counted_step_fn)
+    monkeypatch.setattr(lm.model, "stepper", counted_stepper)
     post(client, f"/sessions/{sid}/generate", {"length": 10})
     assert read == [1] * 10
     read.clear()

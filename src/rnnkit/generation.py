@@ -88,6 +88,12 @@ class Stream:
     prediction re-reads them, as the model was trained (a carried state would
     take it where training never went).
 
+    In eval mode each new token, sampled or fed on its own, is one call of the
+    model's one-token step, bound (``model.stepper()``: the weights laid out for
+    the step) once per :meth:`sample` call and once per lone fed token, so a
+    stream follows the weights as they are at each call and keeps no copy of
+    them between calls (a server holds many streams of one model).
+
     A stream is not thread-safe: one caller at a time (the model may be shared).
     """
 
@@ -136,20 +142,18 @@ class Stream:
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         if self.tokens == 0:
             raise RnnkitError("the stream has read nothing yet: feed at least one token to start from")
-        # A model that offers a bound one-token step (a language model) runs it directly:
-        # the weights are bound once per call, not checked once per token.
-        # (Eval mode only: the bound step has no dropout.)
-        fast = hasattr(self.model, "step_fn") and not self.window and not self.model.training
-        step = self.model.step_fn() if fast else None
+        # Eval mode: each new token is one call of the one-token step, bound here once per call.
+        # A windowed model re-reads its window with forward instead; so does a model in training
+        # mode (dropout on), one length-1 window per token, as training reads.
+        step = None if self.window or self.model.training else self.model.stepper()
         for _ in range(length):
             # Sampling runs on the CPU so that a seeded CPU generator gives the same text on any device.
             nxt = sample_next(self._next_logits().float().cpu(), temperature=temperature, top_k=top_k,
                               top_p=top_p, generator=generator)
             if step is not None:
-                self.logits, self.state = step(nxt.to(self.device), self.state)  # one step: (N,) -> (N, V)
-                self.tokens += 1
+                self._step(nxt.to(self.device), step)  # (N,)
             else:
-                self._read(nxt.to(self.device).unsqueeze(1))  # one step: (N, 1)
+                self._read(nxt.to(self.device).unsqueeze(1))  # (N, 1)
             yield nxt
 
     def _next_logits(self) -> torch.Tensor:
@@ -158,15 +162,29 @@ class Stream:
             return logits[:, -1]
         return self.logits
 
+    def _step(self, ids: torch.Tensor, step) -> None:
+        """Advance every row by one token, ids (N,), with a bound one-token step."""
+        self.tokens += 1
+        self.logits, self.state = step(ids, self.state)  # (N, V)
+
     def _read(self, x: torch.Tensor) -> None:
-        """Advance every row over x (N, T)."""
+        """Advance every row over x (N, T).
+
+        A run of tokens is one pass of ``forward`` (in chunks). A single token in eval mode is one
+        ``step``, the same arithmetic as a sampled token, so a token's numbers do not depend on
+        whether it was fed or sampled. A windowed model only remembers the tokens.
+        """
         if x.shape[1] == 0:
             return
-        self.tokens += x.shape[1]
         if self.window:
+            self.tokens += x.shape[1]
             recent = x if self.recent is None else torch.cat([self.recent, x], dim=1)
             self.recent = recent[:, -self.window:]
             return
+        if x.shape[1] == 1 and not self.model.training:
+            self._step(x[:, 0], self.model.stepper())  # (N,)
+            return
+        self.tokens += x.shape[1]
         for chunk in x.split(READ_CHUNK, dim=1) if x.shape[1] > READ_CHUNK else (x,):
             logits, self.state = self.model(chunk, self.state)  # (N, T, V)
         self.logits = logits[:, -1]

@@ -1,19 +1,30 @@
-"""Language model: token ids -> (embedding | one-hot) -> recurrent stack -> next-token logits."""
+"""Language model: token ids -> (embedding | one-hot) -> recurrent stack -> next-token logits.
+
+The model contract, shared by every model:
+
+* ``forward(ids, state=None) -> (logits, state)`` over a window: ids (B, T),
+  logits (B, T, V). The same path whatever T, the mode or the grad setting.
+* ``step(ids, state) -> (logits, state)`` for one token per row: ids (B,),
+  logits (B, V). ``stepper()`` binds it once (weights laid out for the step,
+  see :class:`LanguageModelStep`) for a loop over many tokens, which is what
+  generation runs; ``step`` binds for one call.
+
+The state is a tuple of (layers, B, H) tensors; ``None`` means zeros.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.config import ModelConfig
+from rnnkit.models.cells import FusedStep
 from rnnkit.models.recurrent import Recurrent, State
 
 
 class LanguageModel(nn.Module):
-    """``forward(ids, state=None) -> (logits, state)``; ids (B, T), logits (B, T, V)."""
+    """``forward(ids, state=None) -> (logits, state)``, ids (B, T), logits (B, T, V); ``step`` for ids (B,)."""
 
     def __init__(self, *, config: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -37,9 +48,9 @@ class LanguageModel(nn.Module):
             init=config.init,
         )
         self.dropout = nn.Dropout(config.dropout)
-        self._table: tuple | None = None  # (weight versions, (V, G*H) projected inputs) for one-token steps
-        # The table replaces W_ih (G*H, E) in memory traffic; worth it when it is no bigger (V <= E).
-        self._use_table = self.recurrent.steps_from_projection and vocab_size <= input_size
+        # Whether the bound step looks layer 0's input product up in a (V, G*H) per-token table: the
+        # table replaces W_ih (G*H, E) in memory traffic, worth it when it is no bigger (V <= E).
+        self.step_uses_table = self.recurrent.steps_from_projection and vocab_size <= input_size
         self.head = nn.Linear(config.hidden, vocab_size)
         if config.init == "normal":  # d2l: output weights from N(0, 0.01^2) too, bias zero
             nn.init.normal_(self.head.weight, 0.0, 0.01)
@@ -53,55 +64,65 @@ class LanguageModel(nn.Module):
             return self.embedding(ids)  # (B, T, E)
         return F.one_hot(ids, self.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
 
-    def step_fn(self) -> Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]:
-        """``run(ids, state) -> (logits, state)`` for one token per row, ids (B,), logits (B, V), eval only.
-
-        The weights (and the input table) are bound once, so a generation loop pays
-        the cache checks once per text instead of once per token; bind again after
-        the weights change.
-        """
-        head_b, head_w_t = self.head.bias, self.head.weight.t()  # (V,), (H, V) a transposed view
-        if self._use_table:
-            run, table = self.recurrent.step_fn(projected=True), self._input_table()
-
-            def step(ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-                out, state = run(F.embedding(ids, table), state)  # (B, H)
-                return torch.addmm(head_b, out, head_w_t), state
-        else:
-            run = self.recurrent.step_fn()
-
-            def step(ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-                out, state = run(self.embed(ids), state)  # (B, H)
-                return torch.addmm(head_b, out, head_w_t), state
-
-        return step
-
-    def _input_table(self) -> torch.Tensor:
-        """(V, G*H): layer 0's ``W_ih x + b_ih + b_hh`` for every token, cached while the weights stay."""
-        w_ih, _, b_ih, b_hh = self.recurrent.layer_weights(0)
-        sources = (w_ih, b_ih, b_hh) + ((self.embedding.weight,) if self.embedding is not None else ())
-        key = tuple((w.data_ptr(), w._version) for w in sources)
-        cached = self._table
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                inputs = self.embedding.weight if self.embedding is not None else None  # (V, E), or one-hot
-                table = (w_ih.t() if inputs is None else inputs @ w_ih.t()) + (b_ih + b_hh)  # (V, G*H)
-            cached = (key, table.contiguous())
-            self._table = cached  # published whole: safe for threads sharing the model
-        return cached[1]
-
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        if (ids.shape[1] == 1 and state is not None and not self.training and not torch.is_grad_enabled()
-                and self._use_table):
-            # Generation: one token per row, so layer 0's input product is a table lookup.
-            logits, state = self.step_fn()(ids[:, 0], state)
-            return logits.unsqueeze(1), state
-        x = self.dropout(self.embed(ids))
+        x = self.dropout(self.embed(ids))  # (B, T, E)
         out, state = self.recurrent(x, state)  # (B, T, H)
         return self.head(self.dropout(out)), state
+
+    def stepper(self) -> LanguageModelStep:
+        """Bind the one-token step to this moment's weights (eval-mode arithmetic); bind again after they change."""
+        return LanguageModelStep(self)
+
+    def step(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """One token per row, ids (B,) -> logits (B, V) and the new state; binds for this one call."""
+        return self.stepper()(ids, state)
+
+    def input_table(self) -> torch.Tensor:
+        """(V, G*H): layer 0's ``W_ih x + b_ih + b_hh`` for every token x, computed now."""
+        w_ih, _, b_ih, b_hh = self.recurrent.layer_weights(0)
+        with torch.no_grad():
+            inputs = self.embedding.weight if self.embedding is not None else None  # (V, E), or one-hot: W_ih^T
+            table = (w_ih.t() if inputs is None else inputs @ w_ih.t()) + (b_ih + b_hh)  # (V, G*H)
+        return table.contiguous()
 
     def initial_state(self, batch_size: int) -> State:
         return self.recurrent.initial_state(batch_size)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+class LanguageModelStep:
+    """``step(ids, state) -> (logits, state)``: a language model's one-token step, bound to its weights.
+
+    ids (B,), logits (B, V), state as the model's (``None``: zeros). Binding
+    (``model.stepper()``) builds everything the step caches, once:
+
+    * table path (``model.step_uses_table``: LSTM or vanilla RNN with V <= E,
+      hence every one-hot model but a GRU): the (V, G*H) input table
+      :meth:`LanguageModel.input_table`, so layer 0's input product is a row
+      lookup, and the recurrent step bound ``projected``;
+    * otherwise: the embedding (or one-hot) of the ids, then the recurrent step.
+
+    Either way the recurrent part is a :class:`~rnnkit.models.cells.FusedStep`
+    and the head one ``addmm``. What binding derives from the weights (the
+    table, ``[W_ih | W_hh]^T``, the summed biases) is a copy, so bind again
+    after the weights change; what the step uses as it is (the embedding, the
+    head, a GRU's weights) is read in place. Eval-mode arithmetic (no
+    dropout), no gradients to the weights.
+    """
+
+    def __init__(self, model: LanguageModel) -> None:
+        self.embed = model.embed
+        self.table: torch.Tensor | None = model.input_table() if model.step_uses_table else None  # (V, G*H)
+        self.recurrent: FusedStep = model.recurrent.stepper(projected=self.table is not None)
+        self.initial_state = model.initial_state
+        # (V,) and (H, V), a transposed view: addmm reads the (V, H) weight as it lies.
+        self.head_b, self.head_w_t = model.head.bias.detach(), model.head.weight.detach().t()
+
+    def __call__(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        if state is None:
+            state = self.initial_state(ids.shape[0])
+        x = self.embed(ids) if self.table is None else F.embedding(ids, self.table)  # (B, E) or (B, G*H)
+        out, state = self.recurrent(x, state)  # (B, H)
+        return torch.addmm(self.head_b, out, self.head_w_t), state

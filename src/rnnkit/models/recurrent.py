@@ -14,20 +14,24 @@ Two backends compute the same function with the same parameters:
   and even optimizer states move between the backends unchanged, and the
   default initialisation draws the same numbers from the same seed.
 
-Whichever the backend, stepping a single token without gradients
-(generation) runs the hand-written steps on the weights directly, which on
-CPU is several times faster than calling the fused module at length 1.
+Two calls, one per shape of work (the model contract):
+
+* ``forward(x, state=None) -> (outputs, state)`` over a window, x (B, T, I):
+  always the backend's module, whatever T, the mode or the grad setting.
+* ``step(x, state) -> (h, state)`` for one time step, x (B, I): the
+  :class:`~rnnkit.models.cells.FusedStep` of this moment's weights.
+  ``stepper()`` binds one (lays the weights out once) for a loop that steps
+  many tokens; on CPU it is several times faster than calling the fused
+  module at length 1.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.cells import GATES, State, gru_cell, init_recurrent_, lstm_cell, rnn_cell, step
+from rnnkit.models.cells import GATES, FusedStep, State, gru_cell, init_recurrent_, lstm_cell, rnn_cell
 
 __all__ = ["BACKENDS", "CELLS", "Recurrent", "ScratchStack", "State", "detach_state"]
 
@@ -138,7 +142,7 @@ class ScratchStack(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """``forward(x, state) -> (outputs, state)`` with x (B, T, I) and outputs (B, T, H)."""
+    """``forward(x, state) -> (outputs, state)``, x (B, T, I), outputs (B, T, H); ``step(x, state)`` for one x (B, I)."""
 
     def __init__(
         self,
@@ -162,7 +166,6 @@ class Recurrent(nn.Module):
         self.layers = layers
         self.nonlinearity = nonlinearity
         self.backend = backend
-        self._step_cache: dict[int, tuple] = {}  # layer -> (weight versions, [W_ih|W_hh]^T, b_ih + b_hh)
         # Dropout between layers only: applied to every layer's output but the last.
         between = dropout if layers > 1 else 0.0
         if backend == "fused":
@@ -193,98 +196,34 @@ class Recurrent(nn.Module):
         return tuple(getattr(self.rnn, f"{name}_l{k}") for name in _WEIGHT_NAMES)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """The whole window x (B, T, I) -> outputs (B, T, H) and the final state, on the backend's module."""
         if state is None:
             state = self.initial_state(x.shape[0], device=x.device, dtype=x.dtype)
-        if x.shape[1] == 1 and not self.training and not torch.is_grad_enabled():
-            return self._step(x[:, 0], state)
         if self.backend == "scratch":
             return self.rnn(x, state)
         fused_state = state if self.cell == "lstm" else state[0]
         out, new_state = self.rnn(x, fused_state)  # out (B, T, H)
         return out, (tuple(new_state) if self.cell == "lstm" else (new_state,))
 
-    def _step_weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer k's [W_ih | W_hh] transposed to (I + H, G*H) and b_ih + b_hh, cached while the weights stay.
-
-        For one token, ``addmm(b, [x, h], W^T)`` is one matrix product over a row-major
-        (I + H, G*H) matrix; measured here it runs about twice as fast as two ``F.linear``
-        calls on the (G*H, I) and (G*H, H) weights. The cache is rebuilt whenever a
-        weight changes (training in between, loading a checkpoint).
-
-        Safe when several threads generate from one model (the server): an entry is
-        built completely and then published with one dict assignment, so a reader
-        sees either no entry or a whole one; two threads that miss at once both
-        build the same matrices and the last one's stays.
-        """
-        weights = self.layer_weights(k)
-        key = tuple((w.data_ptr(), w._version) for w in weights)
-        cached = self._step_cache.get(k)
-        if cached is None or cached[0] != key:
-            w_ih, w_hh, b_ih, b_hh = weights
-            with torch.no_grad():
-                w_t = torch.cat([w_ih, w_hh], dim=1).t().contiguous()  # (I + H, G*H)
-                bias = (b_ih + b_hh).contiguous()
-            cached = (key, w_t, bias)
-            self._step_cache[k] = cached
-        return cached[1], cached[2]
-
     @property
     def steps_from_projection(self) -> bool:
-        """Whether :meth:`step_fn` can start from a projected input (not for the GRU, whose r gates W_hn h only)."""
+        """Whether :meth:`stepper` can start from a projected input (not for the GRU, whose r gates W_hn h only)."""
         return self.cell != "gru"
 
-    def step_fn(self, *, projected: bool = False) -> Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]:
-        """One eval-mode time step through every layer, with this moment's weights bound.
+    def stepper(self, *, projected: bool = False) -> FusedStep:
+        """Bind the one-token step to this moment's weights: ``run(x, state) -> (h, state)``, eval only.
 
-        Returns ``run(x, state) -> (h, state)`` with x (B, I) and h (B, H) the top
-        layer's output. With ``projected``, x is layer 0's input already
-        multiplied out, ``W_ih x + b_ih + b_hh`` (B, G*H): a language model looks it
-        up in a per-token table instead of reading W_ih every step. A generation
-        loop binds once and calls ``run`` per token, skipping the per-call checks
-        of the weight cache; bind again after the weights change.
+        x (B, I), or with ``projected`` layer 0's ``W_ih x + b_ih + b_hh`` (B, G*H);
+        h (B, H) is the top layer's output. Binding copies the weights into the
+        step's layout (see :class:`~rnnkit.models.cells.FusedStep`); bind again
+        after the weights change.
         """
-        if self.cell == "gru":  # r gates only W_hn h + b_hn: the two products stay apart
-            weights = [self.layer_weights(k) for k in range(self.layers)]
+        return FusedStep(self.cell, [self.layer_weights(k) for k in range(self.layers)],
+                         nonlinearity=self.nonlinearity, projected=projected)
 
-            def run_gru(x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-                hs = []
-                for k in range(self.layers):
-                    (x,) = step("gru", x, (state[0][k],), weights[k])
-                    hs.append(x)
-                return x, (torch.stack(hs),)
-
-            return run_gru
-        hidden, lstm, relu = self.hidden, self.cell == "lstm", self.nonlinearity == "relu"
-        bound = [self._step_weights(k) for k in range(self.layers)]  # [(W^T (I+H, G*H), b)]
-        w_hh0_t = bound[0][0][bound[0][0].shape[0] - hidden:]  # rows I: of [W_ih | W_hh]^T: W_hh^T, contiguous
-
-        def run(x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-            hs, cs = [], []
-            for k, (w_t, bias) in enumerate(bound):
-                if k == 0 and projected:
-                    pre = torch.addmm(x, state[0][0], w_hh0_t)  # (B, G*H)
-                else:
-                    pre = torch.addmm(bias, torch.cat([x, state[0][k]], dim=1), w_t)  # W_ih x + W_hh h + b
-                if lstm:
-                    # The gates of cells.lstm_cell, same order; one sigmoid over all four blocks
-                    # (fewer kernel launches per token), of which g's is not used.
-                    gates = torch.sigmoid(pre)
-                    i, f, _, o = gates.chunk(4, dim=-1)
-                    g = torch.tanh(pre[:, 2 * hidden:3 * hidden])
-                    c = torch.addcmul(f * state[1][k], i, g)  # f * c + i * g
-                    x = o * torch.tanh(c)
-                    cs.append(c)
-                else:
-                    x = torch.relu(pre) if relu else torch.tanh(pre)
-                hs.append(x)  # no inter-layer dropout: this path only runs in eval mode
-            return x, ((torch.stack(hs), torch.stack(cs)) if lstm else (torch.stack(hs),))
-
-        return run
-
-    def _step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One time step through every layer with plain matrix products (no autograd)."""
-        out, new_state = self.step_fn()(x, state)
-        return out.unsqueeze(1), new_state
+    def step(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """One time step, x (B, I) -> h (B, H) and the new state; binds for this one call (loops: :meth:`stepper`)."""
+        return self.stepper()(x, state)
 
 
 def detach_state(state: State | None) -> State | None:
