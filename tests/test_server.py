@@ -320,23 +320,28 @@ def test_a_session_continues_like_one_prime_of_its_whole_history(client):
     assert client.get(f"/sessions/{sid}").json()["tokens"] == 34
 
 
-def test_continuing_a_session_reads_only_the_new_tokens(client, lm, monkeypatch):
+def test_continuing_a_session_reads_only_the_new_tokens(lm, clock, monkeypatch):
     """The history is never re-read: each continuation costs one step per new token."""
-    sid = post(client, "/sessions", {"text": TEXT * 20}, status=201)["id"]
     read = []
     forward, stepper = lm.model.forward, lm.model.stepper
-    monkeypatch.setattr(lm.model, "forward", lambda ids, state=None: (read.append(ids.numel()), forward(ids, state))[1])
+    binds = []
 
     def counted_stepper():  # generation's bound one-token step
+        binds.append(1)
         step = stepper()
         return lambda ids, state: (read.append(ids.numel()), step(ids, state))[1]
 
     monkeypatch.setattr(lm.model, "stepper", counted_stepper)
+    client = TestClient(create_app(lm, limits=LIMITS, clock=clock))
+    assert binds == [1]  # bound once, when the model is loaded: the served weights never change
+    sid = post(client, "/sessions", {"text": TEXT * 20}, status=201)["id"]
+    monkeypatch.setattr(lm.model, "forward", lambda ids, state=None: (read.append(ids.numel()), forward(ids, state))[1])
+    read.clear()
     post(client, f"/sessions/{sid}/generate", {"length": 10})
     assert read == [1] * 10
     read.clear()
     post(client, f"/sessions/{sid}/feed", {"text": "ROMEO"})
-    assert sum(read) == 5
+    assert sum(read) == 5 and binds == [1]
 
 
 def test_windowed_models_keep_only_their_window(paths):

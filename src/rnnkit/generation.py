@@ -97,9 +97,12 @@ class Stream:
     A stream is not thread-safe: one caller at a time (the model may be shared).
     """
 
-    def __init__(self, model: nn.Module, *, window: int = 0) -> None:
+    def __init__(self, model: nn.Module, *, window: int = 0, stepper=None) -> None:
         self.model = model
         self.window = window
+        # A one-token step bound beforehand, for a model whose weights no longer change (a server
+        # binds once per loaded model); None: bind once per sample call.
+        self.stepper = stepper
         self.device = next(model.parameters()).device
         self.rows = 1
         self.tokens = 0  # tokens read so far (per row)
@@ -145,7 +148,7 @@ class Stream:
         # Eval mode: each new token is one call of the one-token step, bound here once per call.
         # A windowed model re-reads its window with forward instead; so does a model in training
         # mode (dropout on), one length-1 window per token, as training reads.
-        step = None if self.window or self.model.training else self.model.stepper()
+        step = None if self.window or self.model.training else self.stepper or self.model.stepper()
         for _ in range(length):
             # Sampling runs on the CPU so that a seeded CPU generator gives the same text on any device.
             nxt = sample_next(self._next_logits().float().cpu(), temperature=temperature, top_k=top_k,
@@ -182,7 +185,7 @@ class Stream:
             self.recent = recent[:, -self.window:]
             return
         if x.shape[1] == 1 and not self.model.training:
-            self._step(x[:, 0], self.model.stepper())  # (N,)
+            self._step(x[:, 0], self.stepper or self.model.stepper())  # (N,)
             return
         self.tokens += x.shape[1]
         for chunk in x.split(READ_CHUNK, dim=1) if x.shape[1] > READ_CHUNK else (x,):

@@ -311,6 +311,7 @@ class Served:
     info: dict[str, Any]  # what GET /model answers
     window: int  # 0: carried state; N: many-to-one over the last N tokens
     default_ids: list[int]  # the default prime, encoded
+    stepper: Any = None  # the one-token step, bound once: the served weights never change
 
     @property
     def tok(self) -> Tokenizer:
@@ -385,7 +386,9 @@ def _served(name: str, ckpt: Checkpoint, limits: ServeLimits) -> Served:
         if not default_ids:  # a default prime the vocabulary cannot read: start from the first token
             default_ids = [0]
             info["default_prime"] = ckpt.tokenizer.decode(default_ids)
-    return Served(name=name, ckpt=ckpt, info=info, window=info.get("window", 0), default_ids=default_ids)
+    window = info.get("window", 0)
+    stepper = ckpt.model.stepper() if tasks.get(ckpt.task).generates and not window else None
+    return Served(name=name, ckpt=ckpt, info=info, window=window, default_ids=default_ids, stepper=stepper)
 
 
 # ---------------------------------------------------------------- sessions
@@ -401,7 +404,7 @@ class Session:
 
     def __init__(self, served: Served) -> None:
         self.served = served
-        self.stream = Stream(served.ckpt.model, window=served.window)
+        self.stream = Stream(served.ckpt.model, window=served.window, stepper=served.stepper)
         self.tail: list[int] = []
         self.lock = asyncio.Lock()  # one request at a time: a Stream is not thread-safe
         self.used = 0.0
@@ -817,7 +820,7 @@ def create_app(
         ids, missing = m.encode(prime_text, unknown)
         used = prime_text if ids else m.info["default_prime"]
         ids = ids or m.default_ids
-        stream = Stream(m.ckpt.model, window=m.window)
+        stream = Stream(m.ckpt.model, window=m.window, stepper=m.stepper)
         for start in range(0, len(ids), READ_CHUNK):  # the chunks the stream reads anyway
             limit.check()
             stream.feed(ids[start:start + READ_CHUNK])
