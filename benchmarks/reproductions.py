@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -87,12 +88,21 @@ def train(name: str, extra: list[str], work: Path, threads: int) -> tuple[Path, 
 
 
 def generate(run: Path, prime: str, length: int, temperatures: list[float], threads: int) -> dict[str, str]:
-    samples = {}
-    for t in temperatures:
-        out, _ = rnnkit("generate", "--checkpoint", str(run), "--prime", prime, "--length", str(length),
-                        "--temperature", str(t), "--seed", "0", threads=threads)
-        samples[f"{t:g}"] = out.strip("\n")
-    return samples
+    """One `rnnkit generate` call (seed 0) for all temperatures: {temperature: prime + sample}."""
+    out, _ = rnnkit("generate", "--checkpoint", str(run), "--prime", prime, "--length", str(length),
+                    "--temperature", *(f"{t:g}" for t in temperatures), "--seed", "0", threads=threads)
+    if len(temperatures) == 1:
+        return {f"{temperatures[0]:g}": out.strip("\n")}
+    samples: dict[str, str] = {}
+    current = None
+    for line in out.split("\n"):
+        header = re.fullmatch(r"----- temperature (\S+) -----", line)
+        if header:
+            current = header.group(1)
+            samples[current] = ""
+        elif current is not None:
+            samples[current] += ("\n" if samples[current] else "") + line
+    return {t: text.strip("\n") for t, text in samples.items()}
 
 
 def nietzsche_tf2(extra: list[str], work: Path, threads: int, quick: bool) -> dict[str, Any]:

@@ -53,3 +53,20 @@ def test_serve_load_quick_run_answers_every_request():
     assert all(result[key] > 0 for key in ("requests_per_s", "p50_ms", "p99_ms"))
     rows = result["session_continuation"]["per_history"]
     assert [r["history_tokens"] for r in rows] == [100, 1000] and all(r["session_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_reproductions_quick_run_covers_every_tutorial(shared_corpora):
+    """Each tutorial's recipe runs a few steps on the shared stand-ins; the figures are only checked for shape."""
+    proc = subprocess.run([sys.executable, str(BENCH / "reproductions.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    tutorials = ("nietzsche-tf2", "belling-the-cat", "imdb-simple-rnn", "lyrics-scratch-rnn", "echo")
+    assert all(result[name]["seconds"] > 0 for name in tutorials)
+    assert set(result["nietzsche-tf2"]["samples"]) == {"0.2", "0.5", "1", "1.2"}
+    assert all(s.startswith("supposing that truth") for s in result["nietzsche-tf2"]["samples"].values())
+    assert result["belling-the-cat"]["story"].startswith("had a general")
+    assert 0 <= result["imdb-simple-rnn"]["test_accuracy"] <= 1 and result["imdb-simple-rnn"]["test_examples"] > 0
+    assert {"random", "sequential"} <= set(result["lyrics-scratch-rnn"])
+    assert 0 <= result["echo"]["val_accuracy"] <= 1
