@@ -533,7 +533,7 @@ def validate(config: RunConfig) -> None:
         raise RnnkitError(f"'train.lr' must be positive, got {t.lr}")
     if not 0 <= m.dropout < 1:
         raise RnnkitError(f"'model.dropout' must be in [0, 1), got {m.dropout}")
-    if t.min_lr > t.lr:
+    if t.lr_schedule == "cosine" and t.min_lr > t.lr:
         raise RnnkitError(f"'train.min_lr' ({t.min_lr:g}) must not exceed 'train.lr' ({t.lr:g})")
     if not 0 < t.lr_decay <= 1:
         raise RnnkitError(f"'train.lr_decay' must be in (0, 1], got {t.lr_decay}")
