@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -94,18 +93,27 @@ class CharTokenizer:
             raise RnnkitError("a character vocabulary must not repeat characters")
         self.counts = counts
         self.index = {c: i for i, c in enumerate(self.chars)}
-        # Code points sorted, with the id each maps to: lets `encode` run as one
-        # vectorised searchsorted instead of a Python loop over millions of chars.
+        # The id of every code point up to the largest one known (-1: not in the vocabulary),
+        # and one slot more that stands for every larger one: lets `encode` run as one
+        # vectorised table lookup instead of a Python loop over millions of characters.
         points = np.array([ord(c) for c in self.chars], dtype=np.int64)
-        order = np.argsort(points)
-        self._points = points[order]
-        self._ids = order.astype(np.int64)
+        self._top = int(points.max()) + 1
+        self._lut = np.full(self._top + 1, -1, dtype=np.int32)
+        self._lut[points] = np.arange(len(points), dtype=np.int32)
 
     @classmethod
     def fit(cls, text: str) -> CharTokenizer:
-        if not text:
+        return cls.fit_stream([text])
+
+    @classmethod
+    def fit_stream(cls, pieces: Iterable[str]) -> CharTokenizer:
+        """The vocabulary of a text given as pieces (any cut): its characters, sorted by code point."""
+        seen = CharSet()
+        for piece in pieces:
+            seen.add(piece)
+        if not seen.chars:
             raise RnnkitError("cannot build a vocabulary from an empty text")
-        return cls(chars=sorted(set(text)))
+        return cls(chars=seen.sorted())
 
     @property
     def vocab_size(self) -> int:
@@ -123,14 +131,13 @@ class CharTokenizer:
         missing: set[str] = set()
         for start in range(0, len(text), self.ENCODE_SLICE):
             points = np.frombuffer(text[start : start + self.ENCODE_SLICE].encode("utf-32-le"), dtype="<u4")
-            points = points.astype(np.int64)
-            pos = np.clip(np.searchsorted(self._points, points), 0, len(self._points) - 1)
-            known = self._points[pos] == points
+            ids = self._lut[np.minimum(points, self._top)]
+            known = ids >= 0
             if not known.all():
                 missing.update(chr(p) for p in np.unique(points[~known]))
-                pos = pos[known]
-            out[filled : filled + len(pos)] = self._ids[pos]
-            filled += len(pos)
+                ids = ids[known]
+            out[filled : filled + len(ids)] = ids
+            filled += len(ids)
         if missing and unknown != "skip":
             shown = sorted(missing)
             raise RnnkitError(
@@ -154,9 +161,159 @@ class CharTokenizer:
         return {"type": self.kind, "chars": self.chars, "counts": self.counts}
 
 
+class CharSet:
+    """The distinct characters of a text seen piece by piece (a table of every code point, 1 MB)."""
+
+    def __init__(self) -> None:
+        self._seen = np.zeros(0x110000, dtype=bool)
+        self.chars = 0  # characters seen
+
+    def add(self, piece: str) -> None:
+        self._seen[np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype="<u4")] = True
+        self.chars += len(piece)
+
+    def sorted(self) -> list[str]:
+        """The characters seen, sorted as ``sorted(set(text))`` sorts them (by code point)."""
+        return [chr(p) for p in np.flatnonzero(self._seen)]
+
+
 # Numbers with inner separators ("3.5", "1,000"), words (with inner apostrophes as in
 # "don't"), or single punctuation marks; whitespace only separates.
 _WORD_RE = re.compile(r"\d+(?:[.,]\d+)+|\w+(?:['’]\w+)*|[^\w\s]")
+# Stands for a line end when <eos> is kept: a NUL never occurs in a text rnnkit reads
+# (it marks a binary file), and as a mark of its own it is one piece, as "<eos>" is.
+_EOS_MARK = "\x00"
+
+
+def _piece_ids(text: str, lookup: Callable[[str], int]) -> np.ndarray:
+    """The ids of ``_WORD_RE.findall(text)``, in order, with ``lookup(piece)`` giving one piece's id.
+
+    The same pieces as the regex over the whole text, found faster: no piece
+    spans whitespace, so the text is cut at whitespace (``str.split``, the
+    same whitespace as the regex's ``\\s``) and the regex runs only on the
+    distinct cut tokens that are not one plain run of word characters
+    (``str.isalnum`` is the regex's ``\\w`` without ``_``). ``lookup`` is
+    called once per piece of each distinct token, tokens in order of first
+    occurrence, so pieces new to it arrive in order of first occurrence.
+    """
+    tokens = text.split()
+    if not tokens:
+        return np.zeros(0, dtype=np.int64)
+    first = dict.fromkeys(tokens)  # distinct tokens in order of first occurrence
+    flat: list[int] = []
+    lengths: list[int] = []
+    for token in first:
+        if token.isalnum():
+            flat.append(lookup(token))
+            lengths.append(1)
+        else:
+            pieces = _WORD_RE.findall(token)
+            flat.extend(map(lookup, pieces))
+            lengths.append(len(pieces))
+    where = {token: i for i, token in enumerate(first)}
+    occurrence = np.fromiter(map(where.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    ids = np.array(flat, dtype=np.int64)
+    sizes = np.array(lengths, dtype=np.int64)
+    if (sizes == 1).all():
+        return ids[occurrence]
+    # Each occurrence of token k stands for its pieces ids[starts[k] : starts[k] + sizes[k]].
+    starts = np.cumsum(sizes) - sizes
+    n = sizes[occurrence]  # (occurrences,)
+    ends = np.cumsum(n)
+    within = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - n, n)
+    return ids[np.repeat(starts[occurrence], n) + within]
+
+
+class WordCounter:
+    """Pass one of a word vocabulary: every piece of a text given in pieces, as a provisional id.
+
+    Provisional ids number the distinct pieces in order of first occurrence,
+    so ranking by count with ties in id order is the ranking
+    :meth:`WordTokenizer.fit` promises; :meth:`tokenizer` gives the
+    vocabulary and the table that maps provisional ids to final ones. Feed
+    pieces cut after whitespace (:func:`cut_after_space`).
+    """
+
+    def __init__(self, *, lowercase: bool = False, eos: bool = False) -> None:
+        self.lowercase = lowercase
+        self.eos = eos
+        self.index: dict[str, int] = {}
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def _lookup(self, piece: str) -> int:
+        i = self.index.get(piece)
+        if i is None:
+            i = self.index[piece] = len(self.index)
+        return i
+
+    def _lookup_marked(self, piece: str) -> int:
+        return self._lookup(WordTokenizer.EOS if piece == _EOS_MARK else piece)
+
+    def add(self, text: str) -> np.ndarray:
+        """The provisional ids (uint32) of ``text``'s pieces, line ends as ``<eos>`` where kept."""
+        if self.lowercase:
+            text = text.lower()
+        if not self.eos:
+            ids = _piece_ids(text, self._lookup)
+        elif _EOS_MARK not in text:
+            ids = _piece_ids(text.replace("\n", f" {_EOS_MARK} "), self._lookup_marked)
+        else:  # a NUL of the text's own is a piece like any mark: go line by line
+            lines = text.split("\n")
+            parts = []
+            for n, line in enumerate(lines):
+                parts.append(_piece_ids(line, self._lookup))
+                if n < len(lines) - 1:
+                    parts.append(np.array([self._lookup(WordTokenizer.EOS)], dtype=np.int64))
+            ids = np.concatenate(parts)
+        if len(self.counts) < len(self.index):
+            self.counts = np.concatenate([self.counts, np.zeros(len(self.index) - len(self.counts), np.int64)])
+        self.counts += np.bincount(ids, minlength=len(self.counts))
+        return ids.astype(np.uint32)
+
+    def tokenizer(self, *, min_freq: int = 1, max_vocab: int = 0) -> tuple[WordTokenizer, np.ndarray]:
+        """The vocabulary, and the final id of every provisional id (``<unk>`` for words left out)."""
+        eos_id = self.index.get(WordTokenizer.EOS) if self.eos else None
+        counts = self.counts.copy()
+        if eos_id is not None:
+            counts[eos_id] = -1  # <eos> is not ranked: it comes after the words
+        if not (counts > 0).any():
+            raise RnnkitError("the text has no words to build a vocabulary from")
+        # Stable sort: ties keep the order of first occurrence.
+        order = np.argsort(-counts, kind="stable")
+        order = order[counts[order] >= max(min_freq, 1)]
+        specials = [WordTokenizer.UNK] + ([WordTokenizer.EOS] if self.eos else [])
+        if max_vocab:
+            order = order[: max(0, max_vocab - len(specials))]
+        if not len(order):
+            raise RnnkitError(
+                f"no word occurs at least {min_freq} times (--min-freq), so the vocabulary would be empty; "
+                "lower --min-freq or use a longer text"
+            )
+        pieces = list(self.index)
+        words = [pieces[i] for i in order.tolist()]
+        final = np.full(len(pieces), len(words), dtype=np.int64)  # <unk> comes right after the words
+        final[order] = np.arange(len(words))
+        if eos_id is not None:
+            final[eos_id] = len(words) + 1
+        tok = WordTokenizer(words=words + specials, lowercase=self.lowercase, eos=self.eos)
+        return tok, final
+
+
+def cut_after_space(pieces: Iterable[str]) -> Iterator[str]:
+    """The same text re-cut so that every piece but the last ends in a space or a line end.
+
+    A word tokenizer can then handle the pieces one by one: no word or
+    number is cut in two, and ``str.lower`` sees the same context.
+    """
+    held = ""
+    for piece in pieces:
+        piece = held + piece
+        cut = max(piece.rfind(" "), piece.rfind("\n")) + 1
+        held = piece[cut:]
+        if cut:
+            yield piece[:cut]
+    if held:
+        yield held
 _NO_SPACE_BEFORE = set(",.;:!?)]}%…") | {"'s", "n't"}
 _NO_SPACE_AFTER = set("([{$#")
 _JOINERS = set("-/'’")
@@ -205,22 +362,10 @@ class WordTokenizer:
     @classmethod
     def fit(cls, text: str, *, lowercase: bool = False, eos: bool = False, min_freq: int = 1,
             max_vocab: int = 0) -> WordTokenizer:
-        probe = cls(words=[cls.UNK], lowercase=lowercase, eos=eos)
-        pieces = [p for p in probe.split(text) if p != cls.EOS]
-        if not pieces:
-            raise RnnkitError("the text has no words to build a vocabulary from")
-        # Counter keeps first-insertion order and sorted() is stable: ties stay in order of first use.
-        ranked = sorted(Counter(pieces).items(), key=lambda kv: -kv[1])
-        specials = [cls.UNK] + ([cls.EOS] if eos else [])
-        words = [w for w, c in ranked if c >= min_freq]
-        if max_vocab:
-            words = words[: max(0, max_vocab - len(specials))]
-        if not words:
-            raise RnnkitError(
-                f"no word occurs at least {min_freq} times (--min-freq), so the vocabulary would be empty; "
-                "lower --min-freq or use a longer text"
-            )
-        return cls(words=words + specials, lowercase=lowercase, eos=eos)
+        """Rank the words of ``text`` by count (ties: first occurrence first); see :class:`WordCounter`."""
+        counter = WordCounter(lowercase=lowercase, eos=eos)
+        counter.add(text)
+        return counter.tokenizer(min_freq=min_freq, max_vocab=max_vocab)[0]
 
     @property
     def vocab_size(self) -> int:
@@ -292,11 +437,16 @@ class BPETokenizer:
 
     @classmethod
     def fit(cls, text: str, *, vocab_size: int = 2000) -> BPETokenizer:
+        if not text.strip():
+            raise RnnkitError("cannot train BPE on an empty text")
+        return cls.fit_stream([text], vocab_size=vocab_size)
+
+    @classmethod
+    def fit_stream(cls, pieces: Iterable[str], *, vocab_size: int = 2000) -> BPETokenizer:
+        """Train on a text given as pieces (any cut): the trainer reads it re-cut as :func:`_chunks` cuts it."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        if not text.strip():
-            raise RnnkitError("cannot train BPE on an empty text")
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size < len(alphabet) + 1:
             raise RnnkitError(f"--vocab-size must be at least {len(alphabet) + 1} for byte-level BPE, got {vocab_size}")
@@ -304,7 +454,7 @@ class BPETokenizer:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
-        hf.train_from_iterator(_chunks(text), trainer=trainer)
+        hf.train_from_iterator(_stream_chunks(pieces), trainer=trainer)
         return cls(hf_tokenizer=hf)
 
     @property
@@ -341,15 +491,37 @@ def _chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
     BPE training and encoding slow and memory-hungry. Byte-level BPE decodes the pieces
     back to exactly the text whatever the cut.
     """
-    start = 0
+    return _stream_chunks([text], size)
+
+
+def _stream_chunks(pieces: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """:func:`_chunks` of the concatenation of ``pieces``, never holding more than ``17 * size`` characters.
+
+    Where the text is cut depends only on the next ``16 * size`` characters
+    and on whether the text goes on beyond them, so a buffer of a little more
+    than that finds the same cuts as the whole text would.
+    """
     limit = 16 * size
-    while start < len(text):
-        end = text.find("\n", start + size, start + limit)
-        if end < 0 and start + limit < len(text):
-            end = text.rfind(" ", start + size, start + limit)
+    source = iter(pieces)
+    buf = ""
+    start = 0
+    ended = False
+    while True:
+        while not ended and len(buf) - start <= limit:
+            piece = next(source, None)
+            if piece is None:
+                ended = True
+            else:
+                buf = buf[start:] + piece
+                start = 0
+        if start >= len(buf):
+            return
+        end = buf.find("\n", start + size, start + limit)
+        if end < 0 and start + limit < len(buf):
+            end = buf.rfind(" ", start + size, start + limit)
             end = start + limit - 1 if end < 0 else end
-        end = len(text) if end < 0 else end + 1
-        yield text[start:end]
+        end = len(buf) if end < 0 else end + 1
+        yield buf[start:end]
         start = end
 
 
