@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_classifier(config, out, old, reporter, resume)
     if config.task == "echo":
         return _train_echo(config, out, old, reporter, resume)
-    data = prepare_lm_data(config.data, cache_dir=out / "data", log=reporter.print)
+    data = prepare_lm_data(config.data, cache_dir=out / "data", log=reporter.print, live=reporter.live)
     if resume is not None:
         _same_tokenizer(data.tokenizer, resume.folder)
     result = _run(lambda stop: train_language_model(config, data, out_dir=out, reporter=reporter, stop=stop,
@@ -415,27 +415,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_classifier(args, ckpt)
     if args.data:
         args.text = args.data
-    if args.text:
-        text = corpora.read_text(args.text, encoding=args.encoding)
-    else:
-        text = corpora.read_text(corpora.fetch(args.corpus))
-    try:
-        ids = ckpt.tokenizer.encode(text, unknown=args.unknown)
-    except RnnkitError as exc:
-        raise RnnkitError(f"evaluation text: {exc}") from None
-    if ckpt.tokenizer.kind == "word":
-        unknown = sum(1 for p in ckpt.tokenizer.split(text) if p not in ckpt.tokenizer.index)
-        if unknown:
-            from rnnkit.console import stderr
+    from rnnkit.console import stderr
+    from rnnkit.data.lm_data import encode_text
 
-            stderr.print(f"note: {unknown} word(s) of the text are not in the vocabulary and count as <unk>")
+    # Streamed into a memory-mapped ids file: a text of any size.
+    encoded = encode_text(ckpt.tokenizer, args.text or corpora.fetch(args.corpus),
+                          encoding=args.encoding if args.text else "utf-8", unknown=args.unknown,
+                          what="evaluation text", log=stderr.print, live=stderr.is_terminal)
+    ids, unknown = encoded.ids, encoded.unknown
+    if unknown:
+        stderr.print(f"note: {unknown} word(s) of the text are not in the vocabulary and count as <unk>")
     if len(ids) < 2:
         raise RnnkitError("the evaluation text needs at least 2 known tokens")
     run = ckpt.run_config
     batch_size = args.batch_size or run.data.batch_size
     seq_len = args.seq_len or run.data.seq_len
     loss, count, accuracy = evaluate_lm(ckpt.model, ids, batch_size=batch_size, seq_len=seq_len, window=run.data.window)
-    chars = round(count * len(text) / len(ids))
+    chars = round(count * encoded.chars / len(ids))
     metrics = {**lm_metrics(loss, tokens=count, chars=chars), "accuracy": accuracy}
     if args.json:
         print(json.dumps(metrics))

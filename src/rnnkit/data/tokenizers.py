@@ -467,7 +467,12 @@ class BPETokenizer:
             return np.zeros(0, dtype=dtype)
         # Encode in line-aligned chunks: the Rust encoder then runs in parallel and
         # never holds one giant string's offsets in memory.
-        parts = self.hf.encode_batch(list(_chunks(text)), add_special_tokens=False)
+        return self.encode_chunks(list(_chunks(text)))
+
+    def encode_chunks(self, chunks: list[str]) -> np.ndarray:
+        """The ids of the chunks of a text (as :func:`_chunks` cuts it), concatenated."""
+        dtype = ids_dtype(self.vocab_size)
+        parts = self.hf.encode_batch(chunks, add_special_tokens=False)
         return np.concatenate([np.asarray(e.ids, dtype=dtype) for e in parts]) if parts else np.zeros(0, dtype)
 
     def unknown_in(self, text: str) -> list[str]:
@@ -523,6 +528,34 @@ def _stream_chunks(pieces: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
         end = len(buf) if end < 0 else end + 1
         yield buf[start:end]
         start = end
+
+
+# Chunks of about 64k characters handed to the BPE encoder at a time (it encodes them in parallel).
+_BPE_BATCH = 64
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str], *, unknown: Unknown | None = None) -> Iterator[np.ndarray]:
+    """``tokenizer.encode`` of a text given as pieces (any cut), as a stream of id arrays.
+
+    The arrays concatenate to exactly ``tokenizer.encode("".join(pieces))``:
+    words are encoded from pieces re-cut after whitespace, BPE from the
+    pieces :func:`_chunks` would cut. With ``unknown="error"`` the error
+    names what the first piece with unknown tokens lacks.
+    """
+    if isinstance(tokenizer, BPETokenizer):
+        batch: list[str] = []
+        for chunk in _stream_chunks(pieces):
+            batch.append(chunk)
+            if len(batch) == _BPE_BATCH:
+                yield tokenizer.encode_chunks(batch)
+                batch = []
+        if batch:
+            yield tokenizer.encode_chunks(batch)
+        return
+    if isinstance(tokenizer, WordTokenizer):
+        pieces = cut_after_space(pieces)
+    for piece in pieces:
+        yield tokenizer.encode(piece, unknown=unknown)
 
 
 def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:

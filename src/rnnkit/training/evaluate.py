@@ -38,14 +38,14 @@ def evaluate_lm(
     streams = max(1, min(batch_size, (len(ids) - 1) // seq_len))
     stream_len = (len(ids) - 1) // streams
     device = next(model.parameters()).device
-    data = torch.from_numpy(ids[: streams * stream_len + 1].astype(np.int64))
-    starts = torch.arange(streams) * stream_len
+    # Windows are gathered from ``ids`` one at a time: a memory-mapped corpus is never copied whole.
+    starts = np.arange(streams) * stream_len
     total, count, correct, state = 0.0, 0, 0, None
     with eval_mode(model):
         for k in range(0, stream_len, seq_len):
             t = min(seq_len, stream_len - k)
-            index = starts[:, None] + k + torch.arange(t + 1)  # (B, t+1)
-            chunk = data[index].to(device)
+            index = starts[:, None] + k + np.arange(t + 1)  # (B, t+1)
+            chunk = torch.from_numpy(ids[index].astype(np.int64)).to(device)
             logits, state = model(chunk[:, :-1], state)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum")
             total += loss.item()
