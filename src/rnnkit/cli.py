@@ -430,7 +430,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = ckpt.run_config
     batch_size = args.batch_size or run.data.batch_size
     seq_len = args.seq_len or run.data.seq_len
-    loss, count, accuracy = evaluate_lm(ckpt.model, ids, batch_size=batch_size, seq_len=seq_len, window=run.data.window)
+    loss, count, accuracy = evaluate_lm(ckpt.model, ids, batch_size=batch_size, seq_len=seq_len, window=run.data.window,
+                                        max_tokens=max(args.max_tokens, 0))
     chars = round(count * encoded.chars / len(ids))
     metrics = {**lm_metrics(loss, tokens=count, chars=chars), "accuracy": accuracy}
     if args.json:
@@ -748,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: error for characters, unk for words)")
     ev.add_argument("--batch-size", type=int, default=0, help="parallel streams (default: the training batch size)")
     ev.add_argument("--seq-len", type=int, default=0, help="window length (default: the training one)")
+    ev.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (default 0: all)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: auto)")
     ev.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ev.add_argument("--seed", type=int, default=0, help="echo checkpoints: seed of the fresh series (default: 0)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -185,43 +187,68 @@ _WORD_RE = re.compile(r"\d+(?:[.,]\d+)+|\w+(?:['’]\w+)*|[^\w\s]")
 _EOS_MARK = "\x00"
 
 
-def _piece_ids(text: str, lookup: Callable[[str], int]) -> np.ndarray:
+class _PieceIds:
     """The ids of ``_WORD_RE.findall(text)``, in order, with ``lookup(piece)`` giving one piece's id.
 
     The same pieces as the regex over the whole text, found faster: no piece
     spans whitespace, so the text is cut at whitespace (``str.split``, the
-    same whitespace as the regex's ``\\s``) and the regex runs only on the
-    distinct cut tokens that are not one plain run of word characters
-    (``str.isalnum`` is the regex's ``\\w`` without ``_``). ``lookup`` is
-    called once per piece of each distinct token, tokens in order of first
-    occurrence, so pieces new to it arrive in order of first occurrence.
+    same whitespace as the regex's ``\\s``) and each distinct cut token is
+    taken apart once: a plain run of word characters (``str.isalnum`` is the
+    regex's ``\\w`` without ``_``) is one piece, anything else goes through the
+    regex. The pieces of the tokens seen so far are kept (up to ``CACHE``
+    tokens, then forgotten and found again), so a token costs a dict lookup.
+    New tokens are taken apart in order of first occurrence, so ``lookup``
+    meets new pieces in order of first occurrence.
     """
-    tokens = text.split()
-    if not tokens:
-        return np.zeros(0, dtype=np.int64)
-    first = dict.fromkeys(tokens)  # distinct tokens in order of first occurrence
-    flat: list[int] = []
-    lengths: list[int] = []
-    for token in first:
-        if token.isalnum():
-            flat.append(lookup(token))
-            lengths.append(1)
-        else:
-            pieces = _WORD_RE.findall(token)
-            flat.extend(map(lookup, pieces))
-            lengths.append(len(pieces))
-    where = {token: i for i, token in enumerate(first)}
-    occurrence = np.fromiter(map(where.__getitem__, tokens), dtype=np.int64, count=len(tokens))
-    ids = np.array(flat, dtype=np.int64)
-    sizes = np.array(lengths, dtype=np.int64)
-    if (sizes == 1).all():
-        return ids[occurrence]
-    # Each occurrence of token k stands for its pieces ids[starts[k] : starts[k] + sizes[k]].
-    starts = np.cumsum(sizes) - sizes
-    n = sizes[occurrence]  # (occurrences,)
-    ends = np.cumsum(n)
-    within = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - n, n)
-    return ids[np.repeat(starts[occurrence], n) + within]
+
+    CACHE = 1 << 20  # distinct tokens remembered, ~150 MB at most
+
+    def __init__(self, lookup: Callable[[str], int]) -> None:
+        self.lookup = lookup
+        self._forget()
+
+    def _forget(self) -> None:
+        self.table: dict[str, int] = {}  # token -> its row in starts / sizes
+        self.starts = array("q")  # where each token's piece ids begin in flat
+        self.sizes = array("q")  # how many pieces each token has
+        self.flat = array("q")  # the piece ids of every token, one after the other
+
+    def __call__(self, text: str) -> np.ndarray:
+        tokens = text.split()
+        if not tokens:
+            return np.zeros(0, dtype=np.int64)
+        if len(self.table) > self.CACHE:
+            self._forget()
+        table = self.table
+        rows = np.fromiter(map(table.get, tokens, repeat(-1, len(tokens))), dtype=np.int64, count=len(tokens))
+        new = np.flatnonzero(rows < 0)
+        if len(new):
+            fresh = [tokens[i] for i in new.tolist()]
+            for token in dict.fromkeys(fresh):  # in order of first occurrence
+                self.starts.append(len(self.flat))
+                if token.isalnum():
+                    self.flat.append(self.lookup(token))
+                    self.sizes.append(1)
+                else:
+                    pieces = _WORD_RE.findall(token)
+                    self.flat.extend(map(self.lookup, pieces))
+                    self.sizes.append(len(pieces))
+                table[token] = len(table)
+            rows[new] = [table[token] for token in fresh]
+        starts = np.frombuffer(self.starts, dtype=np.int64)
+        sizes = np.frombuffer(self.sizes, dtype=np.int64)
+        flat = np.frombuffer(self.flat, dtype=np.int64)
+        n = sizes[rows]  # pieces per token occurrence
+        if (n == 1).all():
+            return flat[starts[rows]]
+        ends = np.cumsum(n)
+        within = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - n, n)
+        return flat[np.repeat(starts[rows], n) + within]
+
+
+def _piece_ids(text: str, lookup: Callable[[str], int]) -> np.ndarray:
+    """:class:`_PieceIds` for one text."""
+    return _PieceIds(lookup)(text)
 
 
 class WordCounter:
@@ -239,6 +266,8 @@ class WordCounter:
         self.eos = eos
         self.index: dict[str, int] = {}
         self.counts = np.zeros(0, dtype=np.int64)
+        self._plain = _PieceIds(self._lookup)
+        self._marked = _PieceIds(self._lookup_marked)
 
     def _lookup(self, piece: str) -> int:
         i = self.index.get(piece)
@@ -254,14 +283,14 @@ class WordCounter:
         if self.lowercase:
             text = text.lower()
         if not self.eos:
-            ids = _piece_ids(text, self._lookup)
+            ids = self._plain(text)
         elif _EOS_MARK not in text:
-            ids = _piece_ids(text.replace("\n", f" {_EOS_MARK} "), self._lookup_marked)
+            ids = self._marked(text.replace("\n", f" {_EOS_MARK} "))
         else:  # a NUL of the text's own is a piece like any mark: go line by line
             lines = text.split("\n")
             parts = []
             for n, line in enumerate(lines):
-                parts.append(_piece_ids(line, self._lookup))
+                parts.append(self._plain(line))
                 if n < len(lines) - 1:
                     parts.append(np.array([self._lookup(WordTokenizer.EOS)], dtype=np.int64))
             ids = np.concatenate(parts)
