@@ -53,3 +53,20 @@ def test_serve_load_quick_run_answers_every_request():
     assert all(result[key] > 0 for key in ("requests_per_s", "p50_ms", "p99_ms"))
     rows = result["session_continuation"]["per_history"]
     assert [r["history_tokens"] for r in rows] == [100, 1000] and all(r["session_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_big_corpus_quick_run_measures_every_level():
+    """Tiny corpora through `rnnkit train` cold and warm and `rnnkit eval`: every run succeeds and is measured."""
+    proc = subprocess.run([sys.executable, str(BENCH / "big_corpus.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert [row["level"] for row in result["rows"]] == ["char", "word", "bpe"]
+    assert result["meets_target"]["all_runs_succeeded"]
+    for row in result["rows"]:
+        for run in (row["cold"], row["warm"]):
+            assert run["seconds_to_first_step"] > 0 and run["peak_rss_anon_mb"] > 0
+        assert any(line.startswith("pass 2/2") for line in row["cold"]["passes"])
+        assert not any(line.startswith("pass ") for line in row["warm"]["passes"])  # the cached ids, mapped
+    assert result["eval"]["rc"] == 0 and json.loads(result["eval"]["stdout"])["tokens"] > 0

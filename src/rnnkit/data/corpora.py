@@ -188,7 +188,7 @@ class TextFiles:
         return sum(size for _, size, _ in self.stat())
 
     def pieces(
-        self, *, digest: Any = None, on_bytes: Callable[[int], None] | None = None, read_bytes: int = READ_BYTES
+        self, *, digest: Any = None, on_bytes: Callable[[int], None] | None = None, read_bytes: int | None = None
     ) -> Iterator[str]:
         """The text as a stream of pieces whose concatenation is exactly :func:`read_text`'s result.
 
@@ -276,7 +276,7 @@ def _read_pieces(
     *,
     digest: Any = None,
     on_bytes: Callable[[int], None] | None = None,
-    read_bytes: int = READ_BYTES,
+    read_bytes: int | None = None,
 ) -> Iterator[str]:
     """One file's text, decoded piece by piece: BOM dropped, ``\\r\\n`` made ``\\n``; empty pieces never."""
     try:
@@ -289,12 +289,13 @@ def _read_pieces(
     # a binary file (a model, an archive, a picture) passed by mistake. UTF-16/32
     # text is full of NUL bytes, so the check waits until after decoding there.
     wide = codec_name.startswith(("utf-16", "utf-32"))
+    size = read_bytes or READ_BYTES
 
     def chunks() -> Iterator[bytes]:
         offset = 0
         while True:
             try:
-                chunk = handle.read(read_bytes)
+                chunk = handle.read(size)
             except OSError as error:
                 raise RnnkitError(f"cannot read {path}: {error.strerror or error}") from None
             if not chunk:
