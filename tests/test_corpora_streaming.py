@@ -284,3 +284,41 @@ def test_progress_lines_when_not_on_a_terminal():
     with ByteProgress("small", 1000, log=quiet.append, live=False) as bar:
         bar.advance(1000)
     assert quiet == []
+
+
+# ------------------------------------------------------------------ the word pieces, found faster
+
+
+def _reference_pieces(text: str, *, lowercase: bool, eos: bool) -> list[str]:
+    """The word tokenizer's pieces as its definition says: the regex over the (lower-cased) lines."""
+    from rnnkit.data.tokenizers import _WORD_RE
+
+    text = text.lower() if lowercase else text
+    if not eos:
+        return _WORD_RE.findall(text)
+    lines = text.split("\n")
+    out = []
+    for n, line in enumerate(lines):
+        out += _WORD_RE.findall(line)
+        if n < len(lines) - 1:
+            out.append("<eos>")
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_word_vocabulary_and_ids_follow_the_regex_definition(seed):
+    from collections import Counter
+
+    from rnnkit.data.tokenizers import WordTokenizer
+
+    rng = np.random.default_rng(seed)
+    alphabet = list("ab c1 2.,'’\n\t_-É ΣσὈ\u00a0\u3000\x1c") + ["don't ", "3,5 ", "1.000 ", "x''y ", "\x00", "。"]
+    text = "".join(rng.choice(alphabet, size=3000))
+    for lowercase in (False, True):
+        for eos in (False, True):
+            pieces = [p for p in _reference_pieces(text, lowercase=lowercase, eos=eos) if p != "<eos>"]
+            ranked = [w for w, _ in sorted(Counter(pieces).items(), key=lambda kv: -kv[1])]
+            tok = WordTokenizer.fit(text, lowercase=lowercase, eos=eos, max_vocab=40)
+            assert tok.words == ranked[: 40 - 1 - eos] + ["<unk>"] + (["<eos>"] if eos else [])
+            want = [tok.index.get(p, tok.unk_id) for p in _reference_pieces(text, lowercase=lowercase, eos=eos)]
+            assert tok.encode(text).tolist() == want

@@ -373,6 +373,9 @@ class WordTokenizer:
         self.counts = counts
         self.index = {w: i for i, w in enumerate(self.words)}
         self.unk_id = self.index[self.UNK]
+        # Made on first use by `encode`: the pieces of the tokens seen so far.
+        self._pieces: _PieceIds | None = None
+        self._marked: _PieceIds | None = None
 
     def split(self, text: str) -> list[str]:
         """Pre-tokenize: the word and punctuation pieces of ``text`` (and <eos> per line)."""
@@ -400,17 +403,35 @@ class WordTokenizer:
     def vocab_size(self) -> int:
         return len(self.words)
 
+    def _lookup(self, piece: str) -> int:
+        return self.index.get(piece, -1)
+
+    def _lookup_marked(self, piece: str) -> int:
+        return self.index.get(self.EOS if piece == _EOS_MARK else piece, -1)
+
+    def _ids(self, text: str) -> np.ndarray:
+        """The id of every piece of ``split(text)``, -1 for pieces not in the vocabulary (int64)."""
+        if self.lowercase:
+            text = text.lower()
+        if not self.eos:
+            if self._pieces is None:
+                self._pieces = _PieceIds(self._lookup)
+            return self._pieces(text)
+        if _EOS_MARK not in text:
+            if self._marked is None:
+                self._marked = _PieceIds(self._lookup_marked)
+            return self._marked(text.replace("\n", f" {_EOS_MARK} "))
+        return np.array([self.index.get(p, -1) for p in self.split(text)], dtype=np.int64)
+
     def encode(self, text: str, *, unknown: Unknown | None = None) -> np.ndarray:
         unknown = unknown or self.default_unknown
-        pieces = self.split(text)
-        ids = [self.index.get(p, -1) for p in pieces]
-        if unknown == "error" and -1 in ids:
-            raise RnnkitError(f"word(s) not in the model's vocabulary: {_show(self.unknown_in(text))}")
-        if unknown == "skip":
-            ids = [i for i in ids if i >= 0]
-        else:
-            ids = [self.unk_id if i < 0 else i for i in ids]
-        return np.asarray(ids, dtype=ids_dtype(self.vocab_size))
+        ids = self._ids(text)
+        missing = ids < 0
+        if missing.any():
+            if unknown == "error":
+                raise RnnkitError(f"word(s) not in the model's vocabulary: {_show(self.unknown_in(text))}")
+            ids = ids[~missing] if unknown == "skip" else np.where(missing, self.unk_id, ids)
+        return ids.astype(ids_dtype(self.vocab_size))
 
     def unknown_in(self, text: str) -> list[str]:
         seen: dict[str, None] = {}

@@ -43,7 +43,7 @@ import torch
 
 from rnnkit.config import DataConfig, RunConfig
 from rnnkit.data.batching import make_batcher
-from rnnkit.data.lm_data import LMData, prepare_lm_data, read_source, split_ids
+from rnnkit.data.lm_data import LMData, prepare_lm_data, split_ids, text_files
 from rnnkit.data.tokenizers import build_tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.generation import generate_ids
@@ -154,10 +154,14 @@ def prepare_data(config: DataConfig, *, max_chars: int = 0, log=None) -> LMData:
         raise RnnkitError(f"max_chars must be >= 0, got {max_chars}")
     if not max_chars:
         return prepare_lm_data(config, log=log)
-    text, source = read_source(config, log=log)
-    if len(text) > max_chars:
-        text = text[:max_chars]
-        source = f"{source} (first {max_chars:,} characters)"
+    files, source = text_files(config, log=log)
+    text = ""
+    for piece in files.pieces():  # only as much of the text as it takes
+        text += piece
+        if len(text) > max_chars:
+            text = text[:max_chars]
+            source = f"{source} (first {max_chars:,} characters)"
+            break
     tokenizer = build_tokenizer(config, text)
     ids = tokenizer.encode(text)
     tokenizer.counts = np.bincount(ids, minlength=tokenizer.vocab_size).tolist()
