@@ -156,9 +156,6 @@ class IdsWriter:
         os.fsync(self._file.fileno())
         self._file.close()
 
-    def abort(self) -> None:
-        self._file.close()
-
 
 def _map_ids(path: Path) -> np.ndarray:
     """The ids of ``path`` mapped read-only: a plain ndarray view of the file's pages."""
@@ -255,7 +252,10 @@ def _staging_folder(cache_dir: Path | None) -> Path:
     base = cache_dir.parent
     while not base.is_dir() and base != base.parent:
         base = base.parent  # a run folder not made yet: nothing is created in it before the run starts
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{cache_dir.name}-", dir=base))
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{cache_dir.name}-", dir=base))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="rnnkit-ids-"))  # not writable there: the cache will be copied in
 
 
 def _changed(source: str) -> RnnkitError:
@@ -385,6 +385,9 @@ def prepare_lm_data(
         data = LMData(tokenizer=tokenizer, train=train, val=val, test=test, source=source, chars=chars,
                       cache_key=key, from_cache=False, _meta=meta)
         _check_lengths(data, config)
+    except OSError as exc:  # reading errors are RnnkitErrors already: this is writing the ids
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RnnkitError(f"cannot write the ids of {source} to {staging}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -471,6 +474,8 @@ def encode_text(tokenizer: Tokenizer, path: str | Path, *, encoding: str = "utf-
         finally:
             out.close()
         ids = _map_ids(staging / IDS_FILE)
+    except OSError as exc:
+        raise RnnkitError(f"cannot write the ids of {what} to {staging}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the mapped pages outlive the unlinked file (POSIX)
     return EncodedText(ids=ids, chars=chars, unknown=unk)
