@@ -97,39 +97,54 @@ READ_BYTES = 1 << 22
 
 
 class _BadBytes(Exception):
-    """Bytes a decoder refused, located in the file: offset and line count from 0 and 1."""
+    """Bytes a decoder refused, located in the stream: offset from 0, line from 1."""
 
     def __init__(self, offset: int, byte: int, line: int) -> None:
         super().__init__(offset, byte, line)
         self.offset, self.byte, self.line = offset, byte, line
 
 
-def _decode_pieces(chunks: Iterable[bytes], decoder: codecs.IncrementalDecoder) -> Iterator[str]:
-    """Decode byte chunks incrementally; a bad byte raises :class:`_BadBytes` with its place in the stream."""
+def _decode_pieces(
+    chunks: Iterable[bytes], decoder: codecs.IncrementalDecoder, source: pathlib.Path | bytes
+) -> Iterator[str]:
+    """Decode byte chunks of ``source`` incrementally; a bad byte raises :class:`_BadBytes` with its place."""
     offset = 0  # bytes of the stream before the current chunk
-    newlines = 0  # b"\n" in those bytes
     for chunk in chunks:
         pending = decoder.getstate()[0]  # the undecoded tail of the previous chunk, which is retried first
         try:
             text = decoder.decode(chunk)
         except UnicodeDecodeError as error:
-            raise _where(error, offset - len(pending), newlines - pending.count(b"\n")) from None
+            raise _where(error, offset - len(pending), source) from None
         offset += len(chunk)
-        newlines += chunk.count(b"\n")
         if text:
             yield text
     pending = decoder.getstate()[0]
     try:
         text = decoder.decode(b"", final=True)  # a sequence cut off by the end of the file
     except UnicodeDecodeError as error:
-        raise _where(error, offset - len(pending), newlines - pending.count(b"\n")) from None
+        raise _where(error, offset - len(pending), source) from None
     if text:
         yield text
 
 
-def _where(error: UnicodeDecodeError, base: int, newlines: int) -> _BadBytes:
-    data = error.object
-    return _BadBytes(base + error.start, data[error.start], newlines + data.count(b"\n", 0, error.start) + 1)
+def _where(error: UnicodeDecodeError, base: int, source: pathlib.Path | bytes) -> _BadBytes:
+    offset = base + error.start
+    return _BadBytes(offset, error.object[error.start], _newlines_before(source, offset) + 1)
+
+
+def _newlines_before(source: pathlib.Path | bytes, offset: int) -> int:
+    """How many b"\\n" come before ``offset``: counted only when an error needs a line number."""
+    if not isinstance(source, pathlib.Path):
+        return source.count(b"\n", 0, offset)
+    count = 0
+    try:
+        with source.open("rb") as handle:
+            while offset > 0 and (chunk := handle.read(min(READ_BYTES, offset))):
+                count += chunk.count(b"\n")
+                offset -= len(chunk)
+    except OSError:
+        pass  # the line is a courtesy; the offset is the fact
+    return count
 
 
 def _check_utf8(data: bytes | pathlib.Path, what: str) -> None:
@@ -147,7 +162,7 @@ def _check_utf8(data: bytes | pathlib.Path, what: str) -> None:
         handle = None
         chunks = (data[i : i + READ_BYTES] for i in range(0, len(data), READ_BYTES))
     try:
-        for _ in _decode_pieces(chunks, codecs.getincrementaldecoder("utf-8")()):
+        for _ in _decode_pieces(chunks, codecs.getincrementaldecoder("utf-8")(), data):
             pass
     except _BadBytes as bad:
         raise RnnkitError(
@@ -315,7 +330,7 @@ def _read_pieces(
     first = True
     held = ""  # a trailing "\r" waits for the next piece: it may start with the "\n" of a "\r\n"
     try:
-        for text in _decode_pieces(chunks(), codecs.getincrementaldecoder(codec_name)(errors="strict")):
+        for text in _decode_pieces(chunks(), codecs.getincrementaldecoder(codec_name)(errors="strict"), path):
             if wide and "\x00" in text:
                 raise RnnkitError(f"{path} looks like a binary file (it contains NUL characters); pass a text file")
             if first:
