@@ -188,14 +188,15 @@ def test_the_cache_trusts_old_files_by_stat_and_checks_recent_ones_by_their_byte
     assert not changed.from_cache and "W" in changed.tokenizer.chars
 
 
-def test_a_corpus_changed_between_the_passes_is_refused_and_nothing_is_left(tmp_path, monkeypatch):
+@pytest.mark.parametrize("appended", ["more\n", "a character pass one never saw: €\n"])
+def test_a_corpus_changed_between_the_passes_is_refused_and_nothing_is_left(tmp_path, monkeypatch, appended):
     path = tmp_path / "text.txt"
     path.write_bytes(TEXT.encode())
     real = lm_data.CharTokenizer
 
     def build_then_edit(*args, **kwargs):
         with open(path, "ab") as f:  # someone appends while the vocabulary is built
-            f.write(b"more\n")
+            f.write(appended.encode())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lm_data, "CharTokenizer", build_then_edit)

@@ -329,9 +329,13 @@ def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: l
         else:
             second = hashlib.sha256()
             with ByteProgress(f"pass 2/2, encoding to {IDS_FILE}", total, log=log, live=live) as bar:
-                for ids in encode_pieces(tokenizer, files.pieces(digest=second, on_bytes=bar.advance)):
-                    counts += count_ids(ids, vocab)
-                    out.write(ids)
+                try:
+                    for ids in encode_pieces(tokenizer, files.pieces(digest=second, on_bytes=bar.advance)):
+                        counts += count_ids(ids, vocab)
+                        out.write(ids)
+                except RnnkitError:
+                    # Characters pass one never saw, or bytes it read as valid: the files changed.
+                    raise _changed(source) from None
             if second.hexdigest() != sha or [list(f) for f in files.stat()] != stat:
                 raise _changed(source)
     finally:
