@@ -162,8 +162,8 @@ def main() -> None:
     parser.add_argument("--sizes", help="corpus sizes in GB, comma-separated (default 0.25,0.5,1,2; quick: tiny)")
     parser.add_argument("--levels", default="char,word,bpe", help="tokenization levels (default: char,word,bpe)")
     parser.add_argument("--eval-gb", type=float, default=None, help="size of the eval text in GB (default 1; 0: skip)")
-    parser.add_argument("--eval-tokens", type=int, default=1_000_000,
-                        help="tokens the model scores in the eval run (the whole text is still encoded; default 1M)")
+    parser.add_argument("--eval-tokens", type=int, default=100_000,
+                        help="tokens the model scores in the eval run (the whole text is still encoded; default 100k)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the trained model (default 2)")
     parser.add_argument("--dir", help="where to build the corpora (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
