@@ -316,15 +316,15 @@ def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: l
     out = IdsWriter(staging / IDS_FILE, ids_dtype(vocab))
     try:
         if word_final is not None:
-            with ByteProgress("pass 2/2, numbering the words", provisional * 4, log=log, live=live) as bar:
-                pieces_ids = _map_ids(staging / "pieces.npy")
-                for start in range(0, provisional, _BLOCK):
-                    block = pieces_ids[start : start + _BLOCK]
+            with ByteProgress("pass 2/2, numbering the words", provisional * 4, log=log, live=live) as bar, \
+                    open(staging / "pieces.npy", "rb") as provisional_ids:
+                # Read, not mapped: the pages stay in the page cache, out of this process's memory.
+                provisional_ids.seek(IdsWriter.HEADER)
+                while len(block := np.fromfile(provisional_ids, dtype=np.uint32, count=_BLOCK)):
                     ids = word_final[block]
                     counts += np.bincount(ids, minlength=vocab)
                     out.write(ids)
                     bar.advance(4 * len(block))
-            del pieces_ids
             (staging / "pieces.npy").unlink()
         else:
             second = hashlib.sha256()
