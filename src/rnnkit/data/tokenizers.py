@@ -580,8 +580,9 @@ def _stream_chunks(pieces: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
         start = end
 
 
-# Chunks of about 64k characters handed to the BPE encoder at a time (it encodes them in parallel).
-_BPE_BATCH = 64
+# Chunks of about 64k characters handed to the BPE encoder at a time: it encodes them in parallel, and
+# each chunk's Encoding (ids, offsets, token strings) takes ~100 bytes a token until it is read.
+_BPE_BATCH = 8
 
 
 def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str], *, unknown: Unknown | None = None) -> Iterator[np.ndarray]:
