@@ -183,6 +183,9 @@ def main() -> None:
             corpus = base / f"corpus-{size_gb:g}gb.txt"
             size = write_corpus(corpus, int(size_gb * GB), block)
             log(f"{corpus.name}: {size / 1e6:,.0f} MB ({origin})")
+            # A file modified within 2 s of being hashed is checked by its bytes on every warm start
+            # (its mtime cannot be trusted yet); a corpus is normally older than that.
+            time.sleep(2.5)
             for level in levels:
                 run = base / f"run-{level}-{size_gb:g}"
                 argv = [*rnnkit_command(), "train", "--text", str(corpus), "--out", str(run), "--level", level,
