@@ -106,14 +106,14 @@ def unreadable_for_root(world, monkeypatch):
     """chmod 000 does not stop root from reading: there, make reading that one file fail as it would."""
     if not IS_ROOT:
         return
-    real = Path.read_bytes
+    real = Path.open
 
-    def read_bytes(self):
+    def open_(self, *args, **kwargs):
         if self == world["unreadable"]:
             raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_)
 
 
 TRAIN = ["train", "--out", "{out}", "--max-steps", "1", *TINY]

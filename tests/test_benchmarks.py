@@ -86,3 +86,20 @@ def test_reproductions_quick_run_covers_every_tutorial(shared_corpora):
     assert 0 <= result["imdb-simple-rnn"]["test_accuracy"] <= 1 and result["imdb-simple-rnn"]["test_examples"] > 0
     assert {"random", "sequential"} <= set(result["lyrics-scratch-rnn"])
     assert 0 <= result["echo"]["val_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_big_corpus_quick_run_measures_every_level():
+    """Tiny corpora through `rnnkit train` cold and warm and `rnnkit eval`: every run succeeds and is measured."""
+    proc = subprocess.run([sys.executable, str(BENCH / "big_corpus.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert [row["level"] for row in result["rows"]] == ["char", "word", "bpe"]
+    assert result["meets_target"]["all_runs_succeeded"]
+    for row in result["rows"]:
+        for run in (row["cold"], row["warm"]):
+            assert run["seconds_to_first_step"] > 0 and run["peak_rss_anon_mb"] > 0
+        assert any(line.startswith("pass 2/2") for line in row["cold"]["passes"])
+        assert not any(line.startswith("pass ") for line in row["warm"]["passes"])  # the cached ids, mapped
+    assert result["eval"]["rc"] == 0 and json.loads(result["eval"]["stdout"])["tokens"] > 0

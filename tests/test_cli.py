@@ -37,7 +37,7 @@ def test_train_writes_a_complete_run(trained):
     run_dir = trained / "run"
     assert (run_dir / "checkpoints" / "index.json").is_file()
     assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "config.toml").is_file()
-    assert (run_dir / "data" / "train.npy").is_file()
+    assert (run_dir / "data" / "ids.npy").is_file() and (run_dir / "data" / "meta.json").is_file()
 
 
 def test_run_config_toml_is_a_valid_recipe(trained, capsys, tmp_path):

@@ -121,10 +121,14 @@ def test_read_text_unreadable_file(tmp_path: pathlib.Path, monkeypatch: pytest.M
     path.write_text("x\n", encoding="utf-8")
 
     # chmod 000 does not stop root (CI may run as root), so refuse the read directly.
-    def refuse(self: pathlib.Path) -> bytes:
-        raise PermissionError(13, "Permission denied", str(self))
+    real = pathlib.Path.open
 
-    monkeypatch.setattr(pathlib.Path, "read_bytes", refuse)
+    def refuse(self: pathlib.Path, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", refuse)
     with pytest.raises(RnnkitError, match="secret.txt: permission denied"):
         corpora.read_text(path)
 

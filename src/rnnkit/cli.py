@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     reporter = ConsoleReporter(quiet=args.quiet)
     try:
         outcome = runs.train_run(config, resume=resume, overwrite=args.overwrite, reporter=reporter,
-                                 log=reporter.print)
+                                 log=reporter.print, live=reporter.live)
     finally:
         reporter.close()
     if outcome.notice:
@@ -125,8 +125,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RnnkitError("pass exactly one of --text/--data PATH or --corpus NAME to evaluate on")
     request = EvalRequest(text=args.text or args.data, corpus=args.corpus, label_column=args.label_column,
                           text_column=args.text_column, unknown_label=args.unknown_label, encoding=args.encoding,
-                          unknown=args.unknown, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
-    report = evaluate_checkpoint(ckpt, request)
+                          unknown=args.unknown, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                          max_tokens=args.max_tokens)
+    report = evaluate_checkpoint(ckpt, request, log=stderr.print, live=stderr.is_terminal)
     for note in report.notes:
         stderr.print(note)
     print(json.dumps(report.metrics) if args.json else "\n".join(report.lines))
@@ -313,6 +314,7 @@ def _eval_parser(sub) -> None:
                          "(default: error for characters, unk for words)")
     ev.add_argument("--batch-size", type=int, default=0, help="parallel streams (default: the training batch size)")
     ev.add_argument("--seq-len", type=int, default=0, help="window length (default: the training one)")
+    ev.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (default 0: all)")
     _runtime_args(ev, device="auto")
     ev.add_argument("--seed", type=int, default=0, help="echo checkpoints: seed of the fresh series (default: 0)")
     ev.set_defaults(func=cmd_eval)

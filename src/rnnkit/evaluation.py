@@ -70,14 +70,14 @@ def evaluate_lm(
     streams = max(1, min(batch_size, (len(ids) - 1) // seq_len))
     stream_len = (len(ids) - 1) // streams
     device = next(model.parameters()).device
-    data = torch.from_numpy(ids[: streams * stream_len + 1].astype(np.int64))
-    starts = (torch.arange(streams) * stream_len)[rank_rows(streams, group)]
+    # Windows are gathered from ``ids`` one at a time: a memory-mapped corpus is never copied whole.
+    starts = (np.arange(streams) * stream_len)[rank_rows(streams, group)]
     total, count, correct, state = 0.0, 0, 0, None
     with eval_mode(model):
         for k in range(0, stream_len if len(starts) else 0, seq_len):
             t = min(seq_len, stream_len - k)
-            index = starts[:, None] + k + torch.arange(t + 1)  # (B, t+1)
-            chunk = data[index].to(device)
+            index = starts[:, None] + k + np.arange(t + 1)  # (B, t+1)
+            chunk = torch.from_numpy(ids[index].astype(np.int64)).to(device)
             logits, state = model(chunk[:, :-1], state)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum")
             total += loss.item()
@@ -210,6 +210,7 @@ class EvalRequest:
     unknown: str | None = None  # tokens the model never saw: error, skip, unk (default: the tokenizer's)
     batch_size: int = 0  # parallel streams (0: the training batch size)
     seq_len: int = 0  # window length (0: the training one)
+    max_tokens: int = 0  # score only the first N tokens (0: all)
     seed: int = 0  # echo models: the fresh series
 
 
@@ -225,37 +226,37 @@ def _one_source(request: EvalRequest) -> None:
         raise RnnkitError("pass exactly one of --text/--data PATH or --corpus NAME to evaluate on")
 
 
-def evaluate_text(ckpt, request: EvalRequest) -> EvalReport:
-    """Loss, perplexity, bits per token and char, and accuracy of a language model on a text."""
+def evaluate_text(ckpt, request: EvalRequest, *, log=None, live: bool | None = None) -> EvalReport:
+    """Loss, perplexity, bits per token and char, and accuracy of a language model on a text of any size.
+
+    The text is streamed into a memory-mapped ids file (progress through ``log``), never held whole.
+    """
     from rnnkit.data import corpora
+    from rnnkit.data.lm_data import encode_text
 
     _one_source(request)
-    if request.text:
-        text = corpora.read_text(request.text, encoding=request.encoding)
-    else:
-        text = corpora.read_text(corpora.fetch(request.corpus))
-    tokenizer = ckpt.tokenizer
-    try:
-        ids = tokenizer.encode(text, unknown=request.unknown)
-    except RnnkitError as exc:
-        raise RnnkitError(f"evaluation text: {exc}") from None
+    if request.max_tokens < 0:
+        raise RnnkitError(f"--max-tokens must be 0 (all) or more, got {request.max_tokens}")
+    encoded = encode_text(ckpt.tokenizer, request.text or corpora.fetch(request.corpus),
+                          encoding=request.encoding if request.text else "utf-8", unknown=request.unknown,
+                          what="evaluation text", log=log, live=live)
+    ids = encoded.ids
     notes = []
-    if tokenizer.kind == "word":
-        unknown = sum(1 for p in tokenizer.split(text) if p not in tokenizer.index)
-        if unknown:
-            notes.append(f"note: {unknown} word(s) of the text are not in the vocabulary and count as <unk>")
+    if encoded.unknown:
+        notes.append(f"note: {encoded.unknown} word(s) of the text are not in the vocabulary and count as <unk>")
     if len(ids) < 2:
         raise RnnkitError("the evaluation text needs at least 2 known tokens")
     run = ckpt.run_config.data
     loss, count, accuracy = evaluate_lm(ckpt.model, ids, batch_size=request.batch_size or run.batch_size,
-                                        seq_len=request.seq_len or run.seq_len, window=run.window)
-    metrics = {**lm_metrics(loss, tokens=count, chars=round(count * len(text) / len(ids))), "accuracy": accuracy}
+                                        seq_len=request.seq_len or run.seq_len, window=run.window,
+                                        max_tokens=request.max_tokens)
+    metrics = {**lm_metrics(loss, tokens=count, chars=round(count * encoded.chars / len(ids))), "accuracy": accuracy}
     line = (f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  "
             f"bits/char {metrics['bits_per_char']:.4f}  accuracy {accuracy:.4f}  tokens {metrics['tokens']}")
     return EvalReport(metrics=metrics, lines=[line], notes=notes)
 
 
-def evaluate_labelled(ckpt, request: EvalRequest) -> EvalReport:
+def evaluate_labelled(ckpt, request: EvalRequest, *, log=None, live: bool | None = None) -> EvalReport:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix of a classifier on labelled texts."""
     from rnnkit.data import corpora
     from rnnkit.data.classification import encode_examples, read_labelled
@@ -280,7 +281,7 @@ def evaluate_labelled(ckpt, request: EvalRequest) -> EvalReport:
     return EvalReport(metrics=report, lines=lines, notes=[])
 
 
-def evaluate_series(ckpt, request: EvalRequest) -> EvalReport:
+def evaluate_series(ckpt, request: EvalRequest, *, log=None, live: bool | None = None) -> EvalReport:
     """An echo model scored on a fresh series of its own task (seeded by ``request.seed``)."""
     from rnnkit.data.synthetic import streams_for
 
@@ -294,8 +295,8 @@ def evaluate_series(ckpt, request: EvalRequest) -> EvalReport:
     return EvalReport(metrics=metrics, lines=[line], notes=[])
 
 
-def evaluate_checkpoint(ckpt, request: EvalRequest) -> EvalReport:
-    """Score ``ckpt`` the way its task is scored (see :mod:`rnnkit.tasks`)."""
+def evaluate_checkpoint(ckpt, request: EvalRequest, *, log=None, live: bool | None = None) -> EvalReport:
+    """Score ``ckpt`` the way its task is scored (see :mod:`rnnkit.tasks`); reading progress goes to ``log``."""
     from rnnkit import tasks
 
-    return tasks.resolve(tasks.get(ckpt.task).evaluate)(ckpt, request)
+    return tasks.resolve(tasks.get(ckpt.task).evaluate)(ckpt, request, log=log, live=live)

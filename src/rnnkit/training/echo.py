@@ -121,7 +121,8 @@ def train_echo(config: RunConfig, *, out_dir: str | Path, reporter: Reporter | N
     return engine.train(task, out_dir=out_dir, reporter=reporter, stop=stop, resume=resume)
 
 
-def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log=None) -> EchoTask:
+def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log=None,
+              live: bool | None = None) -> EchoTask:
     if config.data.text or config.data.corpus:
         raise RnnkitError("--task echo generates its own series; drop --text/--corpus "
                           "(shape it with --series-length, --echo-step, --symbols)")

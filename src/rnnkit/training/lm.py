@@ -309,12 +309,13 @@ def train_language_model(config: RunConfig, data: LMData, *, out_dir: str | Path
     return engine.train(LanguageModelTask(config, data), out_dir=out_dir, reporter=reporter, stop=stop, resume=resume)
 
 
-def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log=None) -> LanguageModelTask:
+def make_task(config: RunConfig, *, out: Path, resume: Resume | None = None, log=None,
+              live: bool | None = None) -> LanguageModelTask:
     """Read, tokenize and split the text (or its cached ids in ``out/data``) into the engine task."""
     from rnnkit.data.lm_data import prepare_lm_data
     from rnnkit.training.runs import same_tokenizer
 
-    data = prepare_lm_data(config.data, cache_dir=out / "data", log=log)
+    data = prepare_lm_data(config.data, cache_dir=out / "data", log=log, live=live)
     same_tokenizer(data.tokenizer, resume)
     return LanguageModelTask(config, data)
 

@@ -145,7 +145,7 @@ _SIGNAL_NAMES = {2: "interrupted", 15: "terminated"}
 
 
 def train_run(config: RunConfig, *, resume: Resume | None = None, overwrite: bool = False,
-              reporter: Reporter | None = None, log=None) -> RunOutcome:
+              reporter: Reporter | None = None, log=None, live: bool | None = None) -> RunOutcome:
     """Train the run ``config`` describes (or continue ``resume``) in its run directory.
 
     Under torchrun every process calls this; rank 0 alone writes and prints. A worker
@@ -156,7 +156,7 @@ def train_run(config: RunConfig, *, resume: Resume | None = None, overwrite: boo
 
     autocast_dtype(config.train.precision, resolve_device(config.train.device))  # fp16 without CUDA: say so first
     if not group.main:
-        reporter, log = Reporter(), None
+        reporter, log, live = Reporter(), None, False
     reporter = reporter or Reporter()
     if resume is None and restarted():
         resume = restart_point(config, log=log)
@@ -165,7 +165,7 @@ def train_run(config: RunConfig, *, resume: Resume | None = None, overwrite: boo
     out, old = run_directory(config, resume=resume, overwrite=overwrite)
     group.barrier()  # every rank has looked at the run directory before rank 0 changes it
     module = tasks.resolve(tasks.get(config.task).training)
-    task = module.make_task(config, out=out, resume=resume, log=log)  # reads and checks the data
+    task = module.make_task(config, out=out, resume=resume, log=log, live=live)  # reads and checks the data
     keep_freed_memory()  # the steps reuse their buffers instead of faulting them in anew (see runtime)
     from rnnkit.training import engine
 
