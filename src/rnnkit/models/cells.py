@@ -116,8 +116,9 @@ def positive(x: torch.Tensor) -> torch.Tensor:
 
 def log_positive(x: torch.Tensor) -> torch.Tensor:
     """log g(x), computed without forming g: log(x + 1/2) for x >= 0, -softplus(-x) below."""
-    # relu keeps the unused branch's log finite (log(0.5) where x < 0), so no NaN reaches the gradient.
-    return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
+    # The clamp keeps the unused branch's log finite (log(0.5) where x < 0), so no NaN reaches the
+    # gradient; clamp passes the gradient at x = 0 itself, where torch.where takes this branch.
+    return torch.where(x >= 0, torch.log(x.clamp(min=0) + 0.5), -F.softplus(-x))
 
 
 def mingru_cell(gx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
