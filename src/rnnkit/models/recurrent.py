@@ -165,7 +165,9 @@ class ScratchStack(nn.Module):
                    b_ih: torch.Tensor) -> tuple[torch.Tensor, State]:
         """minGRU/minLSTM, the reference: x (B, T, I), h (B, H) -> outputs (B, T, H), (h_T,)."""
         cell = MIN_CELLS[self.cell]
-        xp = F.linear(x, w_ih, b_ih)  # (B, T, G*H): every step's gates and candidate, one GEMM
+        # (B, T, G*H): every step's gates and candidate, one GEMM; the gates at the state's precision
+        # (float32 under bf16/fp16 autocast), as the scan stack computes them.
+        xp = F.linear(x, w_ih, b_ih).to(h.dtype)
         outputs = []
         for gx in xp.unbind(1):
             h = cell(gx, h)  # the whole step: nothing in it reads h but the final mix
@@ -201,7 +203,9 @@ class ScanStack(ScratchStack):
 
     def _min_layer(self, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor,
                    b_ih: torch.Tensor) -> tuple[torch.Tensor, State]:
-        gx = F.linear(x, w_ih, b_ih)  # (B, T, G*H)
+        # (B, T, G*H), then at the state's precision: under bf16/fp16 autocast the GEMM runs in half
+        # precision but the gates and the scan (a cumsum over T in log space) stay in float32.
+        gx = F.linear(x, w_ih, b_ih).to(h.dtype)
         if choose_scan(self.scan, x.device) == "parallel":
             log_a, log_b = LOG_COEFFICIENTS[self.cell](gx)  # (B, T, H) each
             out = parallel_scan(log_a, log_b, h)
