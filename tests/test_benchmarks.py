@@ -69,3 +69,20 @@ def test_serve_soak_quick_run_gets_only_the_answers_it_expects():
     assert result["client_crashes"] == [] and result["server_tracebacks"] == 0 and result["server_exit_code"] == 0
     assert all(n > 0 for n in result["by_kind"].values()) and result["statuses"]["401"] > 0
     assert all(result["server_rss_mib"][key] > 0 for key in ("start", "after_warmup", "end"))
+
+
+@pytest.mark.slow
+def test_reproductions_quick_run_covers_every_tutorial(shared_corpora):
+    """Each tutorial's recipe runs a few steps on the shared stand-ins; the figures are only checked for shape."""
+    proc = subprocess.run([sys.executable, str(BENCH / "reproductions.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    tutorials = ("nietzsche-tf2", "belling-the-cat", "imdb-simple-rnn", "lyrics-scratch-rnn", "echo")
+    assert all(result[name]["seconds"] > 0 for name in tutorials)
+    assert set(result["nietzsche-tf2"]["samples"]) == {"0.2", "0.5", "1", "1.2"}
+    assert all(s.startswith("supposing that truth") for s in result["nietzsche-tf2"]["samples"].values())
+    assert result["belling-the-cat"]["story"].startswith("had a general")
+    assert 0 <= result["imdb-simple-rnn"]["test_accuracy"] <= 1 and result["imdb-simple-rnn"]["test_examples"] > 0
+    assert {"random", "sequential"} <= set(result["lyrics-scratch-rnn"])
+    assert 0 <= result["echo"]["val_accuracy"] <= 1

@@ -53,3 +53,65 @@ def test_bidirectional_last_pooling_sees_both_ends():
         b = model.encode(torch.tensor([[9, 2, 3, 4]]))  # only the first token differs
     h = model.config.hidden
     assert not torch.allclose(a[:, h:], b[:, h:])  # backward half changed
+
+
+def test_dropout_at_input_leaves_the_pooled_state_to_the_head_untouched():
+    """Keras's SimpleRNNCell(dropout=...) drops each cell's input only; input+head also drops before the head."""
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    for placement, head_sees_encode in (("input", True), ("input+head", False)):
+        model = make(dropout=0.5, dropout_at=placement).train()
+        torch.manual_seed(1)
+        logits, _ = model(ids)
+        torch.manual_seed(1)
+        z = model.head(model.encode(ids))  # the same input masks, and nothing after them
+        assert torch.equal(logits[:, 1:], z) is head_sees_encode, placement
+
+
+def test_dropout_placement_does_not_matter_in_eval_mode():
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        a = make(dropout=0.5, dropout_at="input")(ids)[0]
+        b = make(dropout=0.5, dropout_at="input+head")(ids)[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mask, same_every_step", [("sequence", True), ("element", False)])
+def test_a_sequence_mask_drops_the_same_features_at_every_time_step(mask, same_every_step):
+    model = make(dropout=0.5, dropout_mask=mask).train()
+    torch.manual_seed(0)
+    x = torch.ones(3, 50, 8)  # (B, T, D)
+    dropped = model._drop_input(x) == 0  # (B, T, D)
+    assert dropped.any() and not dropped.all()
+    assert bool((dropped == dropped[:, :1]).all()) is same_every_step
+    kept = model._drop_input(x)
+    assert set(kept.unique().tolist()) <= {0.0, 2.0}  # inverted dropout: kept values scaled by 1 / (1 - p)
+    assert torch.equal(model.eval()._drop_input(x), x)
+
+
+def test_the_default_dropout_settings_compute_what_a_config_without_them_computed():
+    """Defaults reproduce the classifier as it was (checkpoints without the keys load into it)."""
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    plain = make(dropout=0.3).train()
+    explicit = make(dropout=0.3, dropout_at="input+head", dropout_mask="element").train()
+    torch.manual_seed(3)
+    a = plain(ids)[0]
+    torch.manual_seed(3)
+    assert torch.equal(a, explicit(ids)[0])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_keras_init_starts_from_keras_defaults(cell):
+    model = make(cell=cell, init="keras", hidden=16)
+    emb = model.embedding.weight
+    assert emb[: model.pad_id].abs().max() <= 0.05 and emb[: model.pad_id].std() > 0.02
+    assert torch.equal(emb[model.pad_id], torch.zeros_like(emb[model.pad_id]))
+    assert torch.equal(model.head.bias, torch.zeros_like(model.head.bias))
+    for layer in model.forward_layers:
+        w_ih, w_hh, b_ih, b_hh = layer.layer_weights(0)
+        gates, fan_in = w_ih.shape
+        assert w_ih.abs().max() <= (6 / (fan_in + gates)) ** 0.5  # Glorot uniform's bound
+        assert torch.allclose(w_hh.T @ w_hh, torch.eye(16), atol=1e-5)  # orthonormal columns
+        forget = torch.zeros_like(b_ih)
+        if cell == "lstm":
+            forget[16:32] = 1.0  # unit_forget_bias: gate order i, f, g, o
+        assert torch.equal(b_ih, forget) and torch.equal(b_hh, torch.zeros_like(b_hh))

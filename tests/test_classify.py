@@ -86,3 +86,14 @@ def test_classification_bad_input(trained, tmp_path, capsys):
     assert main(["train", "--text", str(lm), "--out", str(tmp_path / "lm"), "--hidden", "8", "--layers", "1",
                  "--seq-len", "8", "--batch-size", "2", "--max-steps", "1", "--quiet"]) == 0
     _bad(["classify", "--checkpoint", tmp_path / "lm", "good"], capsys, "classifier")
+
+
+def test_without_a_validation_split_the_last_epoch_is_kept_and_tested(tmp_path, capsys):
+    write_tsv(tmp_path / "reviews.tsv", n=80)
+    code = main(["train", "--task", "classify", "--data", str(tmp_path / "reviews.tsv"), "--out", str(tmp_path / "run"),
+                 "--hidden", "8", "--layers", "1", "--epochs", "1", "--val-fraction", "0", "--test-fraction", "0.2",
+                 "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "(no validation split); details in" in err
+    assert json.loads((tmp_path / "run" / "test_metrics.json").read_text())["examples"] == 16

@@ -132,3 +132,58 @@ def test_bpe_is_lossless_and_saves():
     assert tok.decode(tok.encode("unseen words ü")) == "unseen words ü"  # bytes: nothing is unknown
     again = tokenizer_from_dict(tok.to_dict())
     assert again.encode(text).tolist() == ids.tolist()
+
+
+# ------------------------------------------------------------------ lower-casing at every level
+
+
+@pytest.mark.parametrize("level", ["char", "word", "bpe"])
+def test_lowercase_is_applied_to_every_text_and_saved(level):
+    from types import SimpleNamespace
+
+    from rnnkit.data.tokenizers import build_tokenizer
+
+    text = "The Cat SAT on the Mat.\nSupposing that Truth is a Woman--what then?\n" * 20
+    config = SimpleNamespace(level=level, lowercase=True, eos=False, min_freq=1, max_vocab=0, vocab_size=300)
+    tok = build_tokenizer(config, text)
+    assert tok.lowercase
+    assert tok.encode(text).tolist() == tok.encode(text.lower()).tolist()
+    if level != "word":  # word level re-spaces punctuation when decoding
+        assert tok.decode(tok.encode(text)) == text.lower()
+    assert tok.encode("THE CAT").tolist() == tok.encode("the cat").tolist()  # a prime reads as training did
+    if level == "char":
+        assert not any(c.isupper() for c in tok.chars)
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.lowercase and again.encode("The MAT").tolist() == tok.encode("the mat").tolist()
+    config.lowercase = False
+    plain = build_tokenizer(config, text)
+    assert not plain.lowercase and plain.encode("The").tolist() != plain.encode("the").tolist()
+
+
+def test_char_lowercase_knows_only_lower_case_and_names_nothing_missing_for_capitals():
+    tok = CharTokenizer.fit("Hello World", lowercase=True)
+    assert tok.chars == sorted(set("hello world"))
+    assert tok.unknown_in("HELLO") == [] and tok.unknown_in("Hi!") == ["!", "i"]
+    assert tok.encode("Hi!", unknown="skip").tolist() == tok.encode("h").tolist()
+
+
+def test_char_lowercase_encodes_letters_that_lengthen_when_lower_cased():
+    text = "İstanbul " * 3  # "İ".lower() is "i" + a combining dot: two characters
+    tok = CharTokenizer.fit(text, lowercase=True)
+    ids = tok.encode(text)
+    assert len(ids) == len(text.lower()) > len(text) and tok.decode(ids) == text.lower()
+
+
+@pytest.mark.parametrize("saved", [
+    {"type": "char", "chars": ["a", "B"]},
+    {"type": "word", "words": ["a", "<unk>"], "eos": False},
+])
+def test_a_tokenizer_json_from_before_the_lowercase_setting_loads_without_lowercasing(saved):
+    tok = tokenizer_from_dict(saved)
+    assert tok.lowercase is False
+    assert tok.decode(tok.encode("a")) == "a"
+
+
+def test_a_lowercase_setting_that_is_not_true_or_false_is_a_one_line_error():
+    with pytest.raises(RnnkitError, match="'lowercase' must be true or false"):
+        tokenizer_from_dict({"type": "char", "chars": ["a"], "lowercase": "yes"})

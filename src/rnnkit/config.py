@@ -45,7 +45,10 @@ class DataConfig:
     )
     corpus: str | None = knob(None, "a named corpus (see `rnnkit corpora list`), fetched and cached")
     level: Literal["char", "word", "bpe"] = knob("char", "tokenization level: characters, words, or byte-level BPE")
-    lowercase: bool = knob(False, "word level: lower-case the text before splitting")
+    lowercase: bool = knob(
+        False, "lower-case the text (char, word and bpe levels); saved with the tokenizer, so generation, "
+               "eval and serving lower-case their input the same way"
+    )
     eos: bool = knob(False, "word level: add an <eos> token at each line end (keeps line breaks)")
     min_freq: int = knob(1, "word level: words seen fewer times become <unk>")
     max_vocab: int = knob(0, "word level: keep at most this many tokens, specials included (0: no limit)")
@@ -90,6 +93,17 @@ class ModelConfig:
     hidden: int = knob(512, "hidden units per layer")
     layers: int = knob(2, "stacked recurrent layers")
     dropout: float = knob(0.0, "dropout between layers and before the head")
+    dropout_at: Literal["input+head", "input"] = knob(
+        "input+head",
+        "classifier: where --dropout applies; input+head: every recurrent layer's input (the embedding, then "
+        "each layer's output) and the pooled state before the head; input: the layers' inputs only "
+        "(Keras's SimpleRNNCell(dropout=...))",
+    )
+    dropout_mask: Literal["element", "sequence"] = knob(
+        "element",
+        "classifier: a fresh dropout mask for every element (element), or one mask per text and feature kept "
+        "for all its time steps (sequence: Keras's recurrent-cell dropout)",
+    )
     tie_weights: bool = knob(False, "share the embedding matrix with the output head")
     bidirectional: bool = knob(False, "classifier: read each text both ways")
     pooling: Literal["last", "mean", "max"] = knob("last", "classifier: how the outputs over time become one vector")
@@ -98,8 +112,11 @@ class ModelConfig:
         "fused: PyTorch's nn.LSTM/GRU/RNN kernels; scratch: rnnkit's hand-written cells "
         "(same weights and results; checkpoints load into either)",
     )
-    init: Literal["default", "normal"] = knob(
-        "default", "weights: PyTorch's default uniform, or normal(0, 0.01) with zero biases (the d2l tutorial's)"
+    init: Literal["default", "normal", "keras"] = knob(
+        "default",
+        "weights: PyTorch's default (recurrent uniform +-1/sqrt(H), embedding N(0, 1)); normal(0, 0.01) with zero "
+        "biases (the d2l tutorial's); or Keras's defaults (embedding uniform +-0.05, input weights and head "
+        "Glorot uniform, recurrent weights orthogonal, biases zero, LSTM forget-gate bias 1)",
     )
     scan: Literal["auto", "parallel", "sequential"] = knob(
         "auto", "mingru/minlstm, fused backend: parallel is the log-space scan, sequential an elementwise loop "
@@ -523,7 +540,7 @@ def validate(config: RunConfig) -> None:
         raise RnnkitError(f"'train.lr' must be positive, got {t.lr}")
     if not 0 <= m.dropout < 1:
         raise RnnkitError(f"'model.dropout' must be in [0, 1), got {m.dropout}")
-    if t.min_lr > t.lr:
+    if t.lr_schedule == "cosine" and t.min_lr > t.lr:
         raise RnnkitError(f"'train.min_lr' ({t.min_lr:g}) must not exceed 'train.lr' ({t.lr:g})")
     if not 0 < t.lr_decay <= 1:
         raise RnnkitError(f"'train.lr_decay' must be in (0, 1], got {t.lr_decay}")

@@ -5,6 +5,12 @@ array of ids (the narrowest unsigned dtype that fits the vocabulary, so a
 large corpus stays small in memory and on disk) and decodes ids back into
 text. ``to_dict``/``tokenizer_from_dict`` give the JSON form stored as
 ``tokenizer.json`` in a checkpoint.
+
+Every level can lower-case (``lowercase=True``): the tokenizer then
+lower-cases whatever it encodes, training text, primes and evaluation text
+alike, and saves the setting in ``tokenizer.json``, so a checkpoint reads its
+input the way it was trained. A ``tokenizer.json`` written before the setting
+existed has no ``lowercase`` key and means ``False``.
 """
 
 from __future__ import annotations
@@ -79,12 +85,16 @@ def _counts_from(data: dict[str, Any], vocab_size: int) -> list[int] | None:
 
 
 class CharTokenizer:
-    """One token per Unicode character; the vocabulary is the sorted set of characters seen."""
+    """One token per Unicode character; the vocabulary is the sorted set of characters seen.
+
+    With ``lowercase`` the text is lower-cased before encoding (the TF2 notes'
+    ``text.lower()`` of nietzsche.txt), slice by slice as it is encoded.
+    """
 
     kind = "char"
     default_unknown: Unknown = "error"
 
-    def __init__(self, *, chars: Sequence[str], counts: list[int] | None = None) -> None:
+    def __init__(self, *, chars: Sequence[str], lowercase: bool = False, counts: list[int] | None = None) -> None:
         if not chars:
             raise RnnkitError("a character vocabulary needs at least one character")
         if any(len(c) != 1 for c in chars):
@@ -92,6 +102,7 @@ class CharTokenizer:
         self.chars = list(chars)
         if len(set(self.chars)) != len(self.chars):
             raise RnnkitError("a character vocabulary must not repeat characters")
+        self.lowercase = lowercase
         self.counts = counts
         self.index = {c: i for i, c in enumerate(self.chars)}
         # Code points sorted, with the id each maps to: lets `encode` run as one
@@ -102,10 +113,13 @@ class CharTokenizer:
         self._ids = order.astype(np.int64)
 
     @classmethod
-    def fit(cls, text: str) -> CharTokenizer:
+    def fit(cls, text: str, *, lowercase: bool = False) -> CharTokenizer:
         if not text:
             raise RnnkitError("cannot build a vocabulary from an empty text")
-        return cls(chars=sorted(set(text)))
+        seen: set[str] = set()
+        for piece in _slices(text, cls.ENCODE_SLICE, lowercase):  # the very pieces `encode` will see
+            seen.update(piece)
+        return cls(chars=sorted(seen), lowercase=lowercase)
 
     @property
     def vocab_size(self) -> int:
@@ -121,14 +135,16 @@ class CharTokenizer:
         out = np.empty(len(text), dtype=dtype)
         filled = 0
         missing: set[str] = set()
-        for start in range(0, len(text), self.ENCODE_SLICE):
-            points = np.frombuffer(text[start : start + self.ENCODE_SLICE].encode("utf-32-le"), dtype="<u4")
+        for piece in _slices(text, self.ENCODE_SLICE, self.lowercase):
+            points = np.frombuffer(piece.encode("utf-32-le"), dtype="<u4")
             points = points.astype(np.int64)
             pos = np.clip(np.searchsorted(self._points, points), 0, len(self._points) - 1)
             known = self._points[pos] == points
             if not known.all():
                 missing.update(chr(p) for p in np.unique(points[~known]))
                 pos = pos[known]
+            if filled + len(pos) > len(out):  # lower() lengthened a few letters ("İ" -> "i̇")
+                out = np.resize(out, max(2 * len(out), filled + len(pos)))
             out[filled : filled + len(pos)] = self._ids[pos]
             filled += len(pos)
         if missing and unknown != "skip":
@@ -140,7 +156,9 @@ class CharTokenizer:
         return out[:filled]
 
     def unknown_in(self, text: str) -> list[str]:
-        """The distinct characters of ``text`` that the vocabulary lacks, sorted."""
+        """The distinct characters of ``text`` (lower-cased when the tokenizer lower-cases) not in the vocabulary."""
+        if self.lowercase:
+            text = text.lower()
         return sorted({c for c in set(text) if c not in self.index})
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -151,7 +169,14 @@ class CharTokenizer:
         return self.chars[i]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "chars": self.chars, "counts": self.counts}
+        return {"type": self.kind, "chars": self.chars, "lowercase": self.lowercase, "counts": self.counts}
+
+
+def _slices(text: str, size: int, lowercase: bool) -> Iterator[str]:
+    """``text`` in pieces of ``size`` characters, each lower-cased when asked."""
+    for start in range(0, len(text), size):
+        piece = text[start : start + size]
+        yield piece.lower() if lowercase else piece
 
 
 # Numbers with inner separators ("3.5", "1,000"), words (with inner apostrophes as in
@@ -280,18 +305,23 @@ class WordTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE trained on the corpus with the `tokenizers` library: lossless, no unknowns."""
+    """Byte-level BPE trained on the corpus with the `tokenizers` library: no unknowns.
+
+    Lossless unless ``lowercase``: then every text is lower-cased (Python's
+    ``str.lower``, as at the other levels) before it is split into pieces.
+    """
 
     kind = "bpe"
     default_unknown: Unknown = "error"
 
-    def __init__(self, *, hf_tokenizer: Any, counts: list[int] | None = None) -> None:
+    def __init__(self, *, hf_tokenizer: Any, lowercase: bool = False, counts: list[int] | None = None) -> None:
         self.hf = hf_tokenizer
+        self.lowercase = lowercase
         self.counts = counts
         self._vocab = {i: t for t, i in self.hf.get_vocab().items()}
 
     @classmethod
-    def fit(cls, text: str, *, vocab_size: int = 2000) -> BPETokenizer:
+    def fit(cls, text: str, *, vocab_size: int = 2000, lowercase: bool = False) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -304,8 +334,9 @@ class BPETokenizer:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
-        hf.train_from_iterator(_chunks(text), trainer=trainer)
-        return cls(hf_tokenizer=hf)
+        chunks = (c.lower() for c in _chunks(text)) if lowercase else _chunks(text)
+        hf.train_from_iterator(chunks, trainer=trainer)
+        return cls(hf_tokenizer=hf, lowercase=lowercase)
 
     @property
     def vocab_size(self) -> int:
@@ -317,7 +348,8 @@ class BPETokenizer:
             return np.zeros(0, dtype=dtype)
         # Encode in line-aligned chunks: the Rust encoder then runs in parallel and
         # never holds one giant string's offsets in memory.
-        parts = self.hf.encode_batch(list(_chunks(text)), add_special_tokens=False)
+        chunks = [c.lower() for c in _chunks(text)] if self.lowercase else list(_chunks(text))
+        parts = self.hf.encode_batch(chunks, add_special_tokens=False)
         return np.concatenate([np.asarray(e.ids, dtype=dtype) for e in parts]) if parts else np.zeros(0, dtype)
 
     def unknown_in(self, text: str) -> list[str]:
@@ -330,7 +362,8 @@ class BPETokenizer:
         return self._vocab[i]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "tokenizer": json.loads(self.hf.to_str()), "counts": self.counts}
+        return {"type": self.kind, "tokenizer": json.loads(self.hf.to_str()), "lowercase": self.lowercase,
+                "counts": self.counts}
 
 
 def _chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
@@ -353,6 +386,14 @@ def _chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
         start = end
 
 
+def _flag(data: dict[str, Any], key: str) -> bool:
+    """A true/false setting of tokenizer.json; absent (a file from before the setting) means false."""
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise RnnkitError(f"tokenizer.json: {key!r} must be true or false, got {value!r}")
+    return value
+
+
 def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from its saved JSON form."""
     kind = data.get("type")
@@ -361,18 +402,19 @@ def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
             chars = data.get("chars")
             if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
                 raise RnnkitError("tokenizer.json: 'chars' must be a list of characters")
-            return CharTokenizer(chars=chars, counts=_counts_from(data, len(chars)))
+            return CharTokenizer(chars=chars, lowercase=_flag(data, "lowercase"), counts=_counts_from(data, len(chars)))
         if kind == "word":
             words = data.get("words")
             if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
                 raise RnnkitError("tokenizer.json: 'words' must be a list of strings")
-            return WordTokenizer(words=words, lowercase=bool(data.get("lowercase")), eos=bool(data.get("eos")),
+            return WordTokenizer(words=words, lowercase=_flag(data, "lowercase"), eos=_flag(data, "eos"),
                                  counts=_counts_from(data, len(words)))
         if kind == "bpe":
             from tokenizers import Tokenizer as HFTokenizer
 
             hf = HFTokenizer.from_str(json.dumps(data["tokenizer"]))
-            return BPETokenizer(hf_tokenizer=hf, counts=_counts_from(data, hf.get_vocab_size()))
+            return BPETokenizer(hf_tokenizer=hf, lowercase=_flag(data, "lowercase"),
+                                counts=_counts_from(data, hf.get_vocab_size()))
     except RnnkitError:
         raise
     except Exception as exc:  # anything else in a hand-edited or foreign file
@@ -384,10 +426,10 @@ def build_tokenizer(config: Any, text: str) -> Tokenizer:
     """Fit the tokenizer that ``config`` (a DataConfig) asks for on the training text."""
     level = config.level
     if level == "char":
-        return CharTokenizer.fit(text)
+        return CharTokenizer.fit(text, lowercase=config.lowercase)
     if level == "word":
         return WordTokenizer.fit(text, lowercase=config.lowercase, eos=config.eos, min_freq=config.min_freq,
                                  max_vocab=config.max_vocab)
     if level == "bpe":
-        return BPETokenizer.fit(text, vocab_size=config.vocab_size)
+        return BPETokenizer.fit(text, vocab_size=config.vocab_size, lowercase=config.lowercase)
     raise RnnkitError(f"unknown tokenization level {level!r} (choose: char, word, bpe)")

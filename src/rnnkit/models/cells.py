@@ -391,7 +391,12 @@ def init_recurrent_(params: list[tuple[str, nn.Parameter]], *, hidden: int, sche
     every weight and bias uniform in [-1/sqrt(H), 1/sqrt(H)], drawn in
     parameter order (so a scratch stack seeded like a fused one starts from
     the very same numbers). ``normal`` is the d2l tutorial's: weights from
-    N(0, 0.01²), biases zero.
+    N(0, 0.01²), biases zero. ``keras`` is what Keras's ``SimpleRNNCell``,
+    ``GRUCell`` and ``LSTMCell`` start from: the input weights Glorot uniform
+    over the whole (G*H, I) matrix (Keras's (I, G*H) kernel transposed, same
+    fan-in and fan-out), the recurrent weights orthogonal, biases zero, and an
+    LSTM's forget-gate bias 1 (``unit_forget_bias``; gate order i, f, g, o as
+    in Keras, in ``bias_ih`` only since PyTorch adds the two biases).
     """
     with torch.no_grad():
         if scheme == "default":
@@ -404,8 +409,18 @@ def init_recurrent_(params: list[tuple[str, nn.Parameter]], *, hidden: int, sche
                     p.zero_()
                 else:
                     p.normal_(0.0, 0.01)
+        elif scheme == "keras":
+            for name, p in params:
+                if name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(p)  # (G*H, I): fan-in I, fan-out G*H
+                elif name.startswith("weight_hh"):
+                    nn.init.orthogonal_(p)  # (G*H, H): orthonormal columns, Keras's (H, G*H) rows
+                else:
+                    p.zero_()
+                    if name.startswith("bias_ih") and p.shape[0] == 4 * hidden:  # an LSTM: [i, f, g, o]
+                        p[hidden : 2 * hidden] = 1.0
         else:
-            raise ValueError(f"unknown init scheme {scheme!r} (choose: default, normal)")
+            raise ValueError(f"unknown init scheme {scheme!r} (choose: default, normal, keras)")
 
 
 # ---------------------------------------------------------------- cell modules

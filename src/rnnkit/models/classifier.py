@@ -7,6 +7,14 @@ its own length, and pooling ignores padded positions. Two classes use one
 logit (a sigmoid head); ``forward`` still returns (B, 2) logits ``[0, z]`` so
 that softmax gives exactly the sigmoid probabilities and every caller treats
 two classes like any other number.
+
+Dropout (``config.dropout``) falls on every recurrent layer's input (the
+embedding, then each layer's output) and, with ``dropout_at="input+head"``,
+also on the pooled state before the head; ``dropout_at="input"`` is Keras's
+``SimpleRNNCell(dropout=...)``, which drops a cell's input and nothing else.
+``dropout_mask="sequence"`` draws one mask per text and feature and keeps it
+for every time step, as Keras's recurrent cells do; ``"element"`` draws a
+fresh one for every element.
 """
 
 from __future__ import annotations
@@ -49,6 +57,12 @@ class Classifier(nn.Module):
             size = config.hidden * directions
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(size, 1 if num_classes == 2 else num_classes)
+        if config.init == "keras":  # Keras's Embedding and Dense defaults (the layers took theirs in _layer)
+            with torch.no_grad():
+                nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
+                self.embedding.weight[self.pad_id] = 0.0  # padding stays a zero vector
+                nn.init.xavier_uniform_(self.head.weight)
+                nn.init.zeros_(self.head.bias)
 
     def _layer(self, input_size: int) -> Recurrent:
         return Recurrent(cell=self.config.cell, input_size=input_size, hidden=self.config.hidden, layers=1,
@@ -61,14 +75,22 @@ class Classifier(nn.Module):
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, H * directions)."""
         lengths = self.lengths(ids)
-        x = self.dropout(self.embedding(ids))  # (B, T, E)
+        x = self._drop_input(self.embedding(ids))  # (B, T, E)
         for n, layer in enumerate(self.forward_layers):
             out, _ = layer(x)  # (B, T, H): causal, so padding after the tokens cannot reach them
             if self.config.bidirectional:
                 back, _ = self.backward_layers[n](_reverse_within_length(x, lengths))
                 out = torch.cat([out, _reverse_within_length(back, lengths)], dim=-1)  # (B, T, 2H)
-            x = self.dropout(out) if n < len(self.forward_layers) - 1 else out
+            x = self._drop_input(out) if n < len(self.forward_layers) - 1 else out
         return self._pool(x, lengths)
+
+    def _drop_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on a recurrent layer's input x (B, T, D)."""
+        if self.config.dropout_mask == "element" or not self.training or self.config.dropout == 0:
+            return self.dropout(x)
+        keep = 1.0 - self.config.dropout
+        mask = torch.empty(x.shape[0], 1, x.shape[2], device=x.device, dtype=x.dtype).bernoulli_(keep)  # (B, 1, D)
+        return x * mask / keep  # the same features dropped at every time step of a text
 
     def _pool(self, out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = torch.arange(out.shape[1], device=out.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
@@ -86,7 +108,10 @@ class Classifier(nn.Module):
         return last
 
     def forward(self, ids: torch.Tensor, state=None) -> tuple[torch.Tensor, None]:
-        z = self.head(self.dropout(self.encode(ids)))  # (B, 1) or (B, C)
+        pooled = self.encode(ids)  # (B, H * directions)
+        if self.config.dropout_at == "input+head":
+            pooled = self.dropout(pooled)
+        z = self.head(pooled)  # (B, 1) or (B, C)
         if self.num_classes == 2:
             z = torch.cat([torch.zeros_like(z), z], dim=-1)  # softmax([0, z]) == [1 - sigmoid(z), sigmoid(z)]
         return z, None

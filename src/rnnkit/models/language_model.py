@@ -56,6 +56,11 @@ class LanguageModel(nn.Module):
         if config.init == "normal":  # d2l: output weights from N(0, 0.01^2) too, bias zero
             nn.init.normal_(self.head.weight, 0.0, 0.01)
             nn.init.zeros_(self.head.bias)
+        if config.init == "keras":  # Keras's Embedding and Dense defaults (the recurrent stack took its own)
+            if self.embedding is not None:
+                nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
+            nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         if config.tie_weights:
             assert self.embedding is not None and self.embedding.weight.shape == self.head.weight.shape
             self.head.weight = self.embedding.weight

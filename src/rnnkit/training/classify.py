@@ -261,5 +261,7 @@ def summary(result: ClassifyResult, out: Path) -> list[str]:
     if result.test is None:
         return []
     (out / "test_metrics.json").write_text(json.dumps(result.test, indent=2) + "\n", encoding="utf-8")
+    best = (f"best validation accuracy {result.best_val_accuracy:.4f}" if result.best_val_accuracy is not None
+            else "no validation split")
     return [f"test accuracy {result.test['accuracy']:.4f} on {result.test['examples']} examples "
-            f"(best validation accuracy {result.best_val_accuracy:.4f}); details in {out}/test_metrics.json"]
+            f"({best}); details in {out}/test_metrics.json"]
