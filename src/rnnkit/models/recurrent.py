@@ -118,7 +118,8 @@ class ScratchStack(nn.Module):
             if k > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)  # between layers only
             if self.cell in MINIMAL:
-                x, final = self._min_layer(x, state[0][k], self.layer_weights(k)[0], self.layer_weights(k)[2])
+                w_ih, _, b_ih, _ = self.layer_weights(k)  # no hidden-to-hidden weights
+                x, final = self._min_layer(x, state[0][k], w_ih, b_ih)
             else:
                 x, final = self._layer(x, tuple(s[k] for s in state), *self.layer_weights(k))
             finals.append(final)
@@ -239,6 +240,8 @@ class Recurrent(nn.Module):
             raise ValueError(f"unknown cell {cell!r} (choose: {', '.join(CELLS)})")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose: {', '.join(BACKENDS)})")
+        if scan not in SCANS:  # checked for every cell and backend, though only ScanStack reads it
+            raise ValueError(f"unknown scan {scan!r} (choose: {', '.join(SCANS)})")
         self.cell = cell
         self.hidden = hidden
         self.layers = layers
