@@ -86,3 +86,18 @@ def test_reproductions_quick_run_covers_every_tutorial(shared_corpora):
     assert 0 <= result["imdb-simple-rnn"]["test_accuracy"] <= 1 and result["imdb-simple-rnn"]["test_examples"] > 0
     assert {"random", "sequential"} <= set(result["lyrics-scratch-rnn"])
     assert 0 <= result["echo"]["val_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_train_throughput_times_every_cell_asked_for():
+    proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--quick", "--threads", "1",
+                           "--repeats", "1", "--cells", "lstm,mingru,minlstm", "--scan", "parallel"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert CASES["train_throughput.py"] <= set(result)  # the LSTM-vs-bare-loop keys stay
+    assert result["cells"] == ["lstm", "mingru", "minlstm"] and result["scan"] == "parallel"
+    assert set(result["cells_tokens_per_s"]) == {"lstm", "mingru", "minlstm"}
+    assert result["cells_tokens_per_s"]["lstm"] == result["rnnkit_tokens_per_s"]
+    assert result["mingru_vs_lstm"] == round(result["cells_tokens_per_s"]["mingru"] / result["rnnkit_tokens_per_s"], 4)
+    assert result["minlstm_vs_lstm"] > 0
