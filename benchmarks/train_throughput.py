@@ -15,6 +15,11 @@ Prints one JSON object on stdout; progress goes to stderr.
 
     .venv/bin/python benchmarks/train_throughput.py            # full run (~2-3 min on 2 cores)
     .venv/bin/python benchmarks/train_throughput.py --quick    # smoke run (a few seconds)
+
+``--cells lstm,gru,mingru,minlstm`` adds one rnnkit side per further cell
+(same shapes, same data, ``--scan`` for minGRU/minLSTM), all alternating in
+the same repeats, and reports each cell's tokens/s (``cells_tokens_per_s``)
+and each one's ratio to rnnkit's LSTM (``mingru_vs_lstm``, ...).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 from rnnkit.config import ModelConfig
 from rnnkit.data.batching import Batch, SequentialStreams
 from rnnkit.models.language_model import LanguageModel
+from rnnkit.models.recurrent import CELLS
 from rnnkit.training.engine import build_optimizer
 from rnnkit.training.lm import train_step
 
@@ -65,8 +71,8 @@ def bare_windows(ids: np.ndarray, batch: int, seq_len: int) -> Iterator[tuple[to
             yield w[:, :-1].contiguous(), w[:, 1:].contiguous(), k == 0
 
 
-def make_rnnkit_side(args, ids: np.ndarray) -> tuple[Callable[[], float], int]:
-    config = ModelConfig(cell="lstm", hidden=args.hidden, layers=args.layers, input="embedding")
+def make_rnnkit_side(args, ids: np.ndarray, cell: str = "lstm") -> tuple[Callable[[], float], int]:
+    config = ModelConfig(cell=cell, hidden=args.hidden, layers=args.layers, input="embedding", scan=args.scan)
     model = LanguageModel(config=config, vocab_size=args.vocab)
     optimizer = build_optimizer("adam", model.parameters(), lr=args.lr, weight_decay=0.0)
     batcher = SequentialStreams(ids, seq_len=args.seq_len, batch_size=args.batch)
@@ -129,10 +135,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=80, help="vocabulary size of the synthetic tokens")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed for data and weights")
+    p.add_argument("--cells", default="lstm",
+                   help="comma-separated rnnkit cells to time beside the bare LSTM loop (lstm is always one)")
+    p.add_argument("--scan", choices=["auto", "parallel", "sequential"], default="auto",
+                   help="the scan of minGRU/minLSTM sides")
     p.add_argument("--malloc", choices=["dynamic", "no-mmap"], default="dynamic",
                    help="dynamic: glibc as a normal process has it (big buffers mmapped and page-faulted in "
                         "again every step); no-mmap: serve every block from the heap and keep it (both sides)")
     args = p.parse_args(argv)
+    args.cells = ["lstm", *[c for c in dict.fromkeys(args.cells.split(",")) if c and c != "lstm"]]
+    unknown = [c for c in args.cells if c not in CELLS]
+    if unknown:
+        p.error(f"unknown cell(s) {', '.join(unknown)} (choose from {', '.join(CELLS)})")
     defaults = {  # (full, quick)
         "repeats": (5, 2), "steps": (8, 2), "warmup": (2, 1), "hidden": (512, 64), "batch": (64, 8),
         "seq_len": (100, 20),
@@ -152,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     baseline_step, baseline_params = make_baseline_side(args, ids)
     sides = {"rnnkit": rnnkit_step, "baseline": baseline_step}
+    cell_params = {"lstm": rnnkit_params}
+    for cell in args.cells[1:]:  # "rnnkit" is the LSTM side; each further cell is one more side
+        torch.manual_seed(args.seed)
+        sides[f"rnnkit_{cell}"], cell_params[cell] = make_rnnkit_side(args, ids, cell)
     tokens_per_step = args.batch * args.seq_len
 
     common.log(f"train_throughput: {args.layers}x{args.hidden} LSTM, B={args.batch} T={args.seq_len} "
@@ -167,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     shares: dict[str, list[float]] = {name: [] for name in sides}
     load_before = common.load_average()
     for r in range(args.repeats):
-        order = ["rnnkit", "baseline"] if r % 2 == 0 else ["baseline", "rnnkit"]
+        names = list(sides)
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate: each side runs in every slot
+        if len(names) == 2:
+            order = ["rnnkit", "baseline"] if r % 2 == 0 else ["baseline", "rnnkit"]
         for name in order:
             seconds, last_loss[name], n_faults, cpu = timed(sides[name], args.steps)
             faults[name].append(n_faults / args.steps)
@@ -175,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
             per_repeat[name].append(round(args.steps * tokens_per_step / seconds, 1))
         common.log(f"  repeat {r + 1}/{args.repeats}: rnnkit {per_repeat['rnnkit'][-1]:,.0f} tok/s, "
                    f"baseline {per_repeat['baseline'][-1]:,.0f} tok/s (cpu share {shares['rnnkit'][-1]:.2f} / "
-                   f"{shares['baseline'][-1]:.2f})")
+                   f"{shares['baseline'][-1]:.2f})"
+                   + "".join(f", {c} {per_repeat[f'rnnkit_{c}'][-1]:,.0f}" for c in args.cells[1:]))
 
     clean = common.clean_repeats(shares)
     if len(clean) < args.repeats:
@@ -186,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     ratio = rnnkit_tps / baseline_tps
     # The same pairing per repeat (both sides of one repeat ran back to back).
     paired = [a / b for a, b in zip(per_repeat["rnnkit"], per_repeat["baseline"], strict=True)]
+    cells_tps = {c: round(common.median(per_repeat["rnnkit" if c == "lstm" else f"rnnkit_{c}"]), 1)
+                 for c in args.cells}
+    cell_ratios = {f"{c}_vs_lstm": round(cells_tps[c] / cells_tps["lstm"], 4) for c in args.cells[1:]}
     result = {
         "benchmark": "train_throughput",
         "quick": args.quick,
@@ -217,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
         "minor_page_faults_per_step": {k: round(common.median(v)) for k, v in faults.items()},
         "peak_rss_mib": common.peak_rss_mib(),
     }
+    if len(args.cells) > 1:
+        result.update({"cells": args.cells, "scan": args.scan, "cells_tokens_per_s": cells_tps,
+                       "cells_parameters": cell_params, **cell_ratios,
+                       "cells_tokens_per_s_per_repeat": {c: per_repeat["rnnkit" if c == "lstm" else f"rnnkit_{c}"]
+                                                         for c in args.cells}})
     common.emit(result)
 
 

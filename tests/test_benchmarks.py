@@ -103,3 +103,18 @@ def test_big_corpus_quick_run_measures_every_level():
         assert any(line.startswith("pass 2/2") for line in row["cold"]["passes"])
         assert not any(line.startswith("pass ") for line in row["warm"]["passes"])  # the cached ids, mapped
     assert result["eval"]["rc"] == 0 and json.loads(result["eval"]["stdout"])["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_train_throughput_times_every_cell_asked_for():
+    proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--quick", "--threads", "1",
+                           "--repeats", "1", "--cells", "lstm,mingru,minlstm", "--scan", "parallel"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert CASES["train_throughput.py"] <= set(result)  # the LSTM-vs-bare-loop keys stay
+    assert result["cells"] == ["lstm", "mingru", "minlstm"] and result["scan"] == "parallel"
+    assert set(result["cells_tokens_per_s"]) == {"lstm", "mingru", "minlstm"}
+    assert result["cells_tokens_per_s"]["lstm"] == result["rnnkit_tokens_per_s"]
+    assert result["mingru_vs_lstm"] == round(result["cells_tokens_per_s"]["mingru"] / result["rnnkit_tokens_per_s"], 4)
+    assert result["minlstm_vs_lstm"] > 0

@@ -14,7 +14,7 @@ def make(**kw):
     return Classifier(config=cfg, vocab_size=20, num_classes=num_classes).eval()
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "mingru", "minlstm"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("pooling", ["last", "mean", "max"])
 def test_padding_does_not_change_the_probability(cell, bidirectional, pooling):

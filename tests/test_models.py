@@ -5,7 +5,7 @@ from rnnkit.config import ModelConfig
 from rnnkit.generation import Stream, filter_logits, generate_ids, sample_next
 from rnnkit.models.language_model import LanguageModel
 
-CELLS = ["lstm", "gru", "rnn"]
+CELLS = ["lstm", "gru", "rnn", "mingru", "minlstm"]
 
 
 def make(cell="lstm", **kw):
@@ -165,7 +165,7 @@ def test_single_step_sees_weights_changed_after_an_earlier_step():
     assert torch.equal(kept, before)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "gru", "mingru", "minlstm"])
 @pytest.mark.parametrize("inp", ["embedding", "onehot"])
 def test_one_token_step_from_the_input_table_matches_the_full_forward(cell, inp):
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ def text(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("model", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("model", ["lstm", "gru", "rnn", "mingru", "minlstm"])
 def test_bf16_on_the_cpu_trains_like_fp32_and_keeps_fp32_weights(tmp_path, text, model):
     losses = {}
     for precision in ("fp32", "bf16"):

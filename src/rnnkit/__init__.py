@@ -1,4 +1,4 @@
-"""rnnkit: train, evaluate, sample from and serve recurrent sequence models (RNN, GRU, LSTM).
+"""rnnkit: train, evaluate, sample from and serve recurrent sequence models (RNN, GRU, LSTM, minGRU, minLSTM).
 
 The public surface, for use as a library::
 

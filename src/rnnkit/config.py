@@ -84,7 +84,9 @@ class DataConfig:
 class ModelConfig:
     """The network: input encoding, recurrent stack, output head."""
 
-    cell: Literal["lstm", "gru", "rnn"] = knob("lstm", "recurrent cell type", flag="--model")
+    cell: Literal["lstm", "gru", "rnn", "mingru", "minlstm"] = knob(
+        "lstm", "recurrent cell type (mingru/minlstm: Feng et al. 2024, gates from the input only)", flag="--model"
+    )
     nonlinearity: Literal["tanh", "relu"] = knob("tanh", "activation of the vanilla rnn cell")
     input: Literal["embedding", "onehot"] = knob("embedding", "how tokens enter the network")
     embedding_dim: int = knob(0, "embedding size (0: same as --hidden)")
@@ -115,6 +117,11 @@ class ModelConfig:
         "weights: PyTorch's default (recurrent uniform +-1/sqrt(H), embedding N(0, 1)); normal(0, 0.01) with zero "
         "biases (the d2l tutorial's); or Keras's defaults (embedding uniform +-0.05, input weights and head "
         "Glorot uniform, recurrent weights orthogonal, biases zero, LSTM forget-gate bias 1)",
+    )
+    scan: Literal["auto", "parallel", "sequential"] = knob(
+        "auto", "mingru/minlstm, fused backend: parallel is the log-space scan, sequential an elementwise loop "
+                "over gates computed for the whole window (same function); auto picks by device, as measured: "
+                "sequential on CPU, parallel on CUDA"
     )
 
 

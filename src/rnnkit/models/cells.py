@@ -28,6 +28,16 @@ functions run on the parameters of ``torch.nn.LSTM``/``GRU``/``RNN``
 (``weight_ih_l{k}`` and so on) and on those of the scratch backend.
 
 Shapes: ``x`` (B, I); ``gx`` (B, G*H); ``h`` and ``c`` (B, H).
+
+minGRU and minLSTM (Feng et al. 2024, "Were RNNs All We Needed?") have gates
+and candidate that depend on the input only, so a layer has just
+``weight_ih`` (G*H, I) and ``bias_ih`` (G*H,), stacked minGRU ``z, h~`` and
+minLSTM ``f, i, h~``, and no ``weight_hh``. Their step is
+``h' = a * h + b`` with ``(a, b)`` a function of ``gx`` alone
+(:func:`mingru_coefficients`, :func:`minlstm_coefficients`), which is what
+lets a whole window run as a scan (:mod:`rnnkit.models.scan`). The candidate
+goes through the paper's positive ``g`` (:func:`positive`) in every
+algorithm, so the log-space scan and the sequential loop are one function.
 """
 
 from __future__ import annotations
@@ -41,7 +51,9 @@ from torch import nn
 State = tuple[torch.Tensor, ...]
 
 # Gate blocks stacked in the weight matrices, per cell type.
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+GATES = {"rnn": 1, "gru": 3, "lstm": 4, "mingru": 2, "minlstm": 3}
+# The cells whose gates read x_t only: no W_hh, one (h,) state, h' = a(x) * h + b(x).
+MINIMAL = ("mingru", "minlstm")
 
 
 # ---------------------------------------------------------------- the recurrence, given W_ih x + b_ih
@@ -92,6 +104,75 @@ def lstm_cell(
     c = f * c + i * g
     h = o * torch.tanh(c)
     return h, c
+
+
+# ---------------------------------------------------------------- minGRU and minLSTM, given W_ih x + b_ih
+
+
+def positive(x: torch.Tensor) -> torch.Tensor:
+    """g(x) = x + 1/2 for x >= 0, sigmoid(x) below: the paper's positive, continuous candidate map."""
+    return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
+def log_positive(x: torch.Tensor) -> torch.Tensor:
+    """log g(x), computed without forming g: log(x + 1/2) for x >= 0, -softplus(-x) below."""
+    # The clamp keeps the unused branch's log finite (log(0.5) where x < 0), so no NaN reaches the
+    # gradient; clamp passes the gradient at x = 0 itself, where torch.where takes this branch.
+    return torch.where(x >= 0, torch.log(x.clamp(min=0) + 0.5), -F.softplus(-x))
+
+
+def mingru_cell(gx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """h' = (1 - z) * h + z * h~, with z and h~ from the input alone."""
+    k_z, k_h = gx.chunk(2, dim=-1)  # (B, H) each: W_z x + b_z, W_h x + b_h
+    z = torch.sigmoid(k_z)  # update gate: how much of the candidate to write
+    h_tilde = positive(k_h)  # candidate state, > 0
+    return (1 - z) * h + z * h_tilde
+
+
+def minlstm_cell(gx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """h' = f' * h + i' * h~, with the forget and input gates normalised to sum to one."""
+    k_f, k_i, k_h = gx.chunk(3, dim=-1)  # (B, H) each: W_f x + b_f, W_i x + b_i, W_h x + b_h
+    f = torch.sigmoid(k_f)  # forget gate: how much of the old state to keep
+    i = torch.sigmoid(k_i)  # input gate: how much of the candidate to write
+    h_tilde = positive(k_h)  # candidate state, > 0
+    f_norm, i_norm = f / (f + i), i / (f + i)  # normalised: the state's scale does not grow with t
+    return f_norm * h + i_norm * h_tilde
+
+
+def mingru_coefficients(gx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) of :func:`mingru_cell` as ``h' = a * h + b``, for gx (..., 2H): a = 1 - z, b = z * g(k_h)."""
+    k_z, k_h = gx.chunk(2, dim=-1)
+    z = torch.sigmoid(k_z)
+    return 1 - z, z * positive(k_h)
+
+
+def minlstm_coefficients(gx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) of :func:`minlstm_cell` as ``h' = a * h + b``, for gx (..., 3H): a = f', b = i' * g(k_h)."""
+    k_f, k_i, k_h = gx.chunk(3, dim=-1)
+    f, i = torch.sigmoid(k_f), torch.sigmoid(k_i)
+    return f / (f + i), i / (f + i) * positive(k_h)
+
+
+def mingru_log_coefficients(gx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log a, log b) of :func:`mingru_coefficients`: log(1 - z) = -softplus(k_z), log z = -softplus(-k_z)."""
+    k_z, k_h = gx.chunk(2, dim=-1)
+    return -F.softplus(k_z), -F.softplus(-k_z) + log_positive(k_h)
+
+
+def minlstm_log_coefficients(gx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log a, log b) of :func:`minlstm_coefficients`.
+
+    With d = log i - log f = softplus(-k_f) - softplus(-k_i): log f' = log(f / (f + i)) = -softplus(d)
+    and log i' = -softplus(-d).
+    """
+    k_f, k_i, k_h = gx.chunk(3, dim=-1)
+    d = F.softplus(-k_f) - F.softplus(-k_i)
+    return -F.softplus(d), -F.softplus(-d) + log_positive(k_h)
+
+
+MIN_CELLS = {"mingru": mingru_cell, "minlstm": minlstm_cell}
+COEFFICIENTS = {"mingru": mingru_coefficients, "minlstm": minlstm_coefficients}
+LOG_COEFFICIENTS = {"mingru": mingru_log_coefficients, "minlstm": minlstm_log_coefficients}
 
 
 # ---------------------------------------------------------------- a whole step on raw weights
@@ -202,8 +283,8 @@ class FusedStep:
 
     def __init__(self, cell: str, layers: list[Weights], *, nonlinearity: str = "tanh",
                  projected: bool = False) -> None:
-        if cell not in GATES:
-            raise ValueError(f"unknown cell {cell!r} (choose: {', '.join(GATES)})")
+        if cell not in GATES or cell in MINIMAL:
+            raise ValueError(f"unknown cell {cell!r} (choose: lstm, gru, rnn; mingru/minlstm step with MinStep)")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"unknown nonlinearity {nonlinearity!r} (choose: tanh, relu)")
         if projected and cell == "gru":
@@ -256,6 +337,48 @@ class FusedStep:
                 x = rnn_activation(pre, self.nonlinearity)
             hs.append(x)  # no dropout between layers: this is the eval-mode step
         return x, ((torch.stack(hs), torch.stack(cs)) if lstm else (torch.stack(hs),))
+
+
+class MinStep:
+    """``step(x, state) -> (h, state)``: one time step of a minGRU/minLSTM stack, eval-mode arithmetic.
+
+    The counterpart of :class:`FusedStep` for the cells whose gates read x_t
+    only: per layer one ``addmm`` for ``W_ih x + b_ih`` (B, G*H), then
+    :func:`mingru_cell` / :func:`minlstm_cell`. O(1) per token: the carried
+    (L, B, H) state is all the history a step needs. x is (B, I) or, with
+    ``projected``, layer 0's ``W_ih x + b_ih`` already (a language model's
+    per-token table row). ``layers`` holds each layer's ``(w_ih, b_ih)``;
+    binding keeps ``W_ih^T`` as a row-major (I, G*H) copy, so bind again after
+    the weights change. No dropout, no gradients to the weights.
+    """
+
+    def __init__(self, cell: str, layers: list[tuple[torch.Tensor, torch.Tensor]], *, projected: bool = False) -> None:
+        if cell not in MINIMAL:
+            raise ValueError(f"MinStep steps mingru or minlstm, not {cell!r}")
+        if not layers:
+            raise ValueError("a step needs at least one layer")
+        self.cell = cell
+        self.projected = projected
+        self.num_layers = len(layers)
+        self.hidden = layers[0][0].shape[0] // GATES[cell]  # w_ih is (G*H, I)
+        self.step_cell = MIN_CELLS[cell]
+        with torch.no_grad():
+            # Per layer (W_ih^T (I, G*H), b_ih (G*H,)); layer 0 of a projected step needs neither.
+            self.cache = [(None, None) if k == 0 and projected else (w.t().contiguous(), b.detach().clone())
+                          for k, (w, b) in enumerate(layers)]
+
+    def initial_state(self, batch_size: int, like: torch.Tensor) -> State:
+        return (like.new_zeros(self.num_layers, batch_size, self.hidden),)  # (L, B, H)
+
+    def __call__(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        if state is None:
+            state = self.initial_state(x.shape[0], x)
+        hs = []
+        for k, (w_t, bias) in enumerate(self.cache):
+            gx = x if w_t is None else torch.addmm(bias, x, w_t)  # (B, G*H): W_ih x + b_ih
+            x = self.step_cell(gx, state[0][k])  # (B, H)
+            hs.append(x)  # no dropout between layers: this is the eval-mode step
+        return x, (torch.stack(hs),)
 
 
 # ---------------------------------------------------------------- initialisation

@@ -66,7 +66,8 @@ class Classifier(nn.Module):
 
     def _layer(self, input_size: int) -> Recurrent:
         return Recurrent(cell=self.config.cell, input_size=input_size, hidden=self.config.hidden, layers=1,
-                         nonlinearity=self.config.nonlinearity, backend=self.config.backend, init=self.config.init)
+                         nonlinearity=self.config.nonlinearity, backend=self.config.backend, init=self.config.init,
+                         scan=self.config.scan)
 
     def lengths(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids != self.pad_id).sum(dim=1).clamp(min=1)  # (B,)

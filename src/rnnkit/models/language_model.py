@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.config import ModelConfig
-from rnnkit.models.cells import FusedStep
+from rnnkit.models.cells import FusedStep, MinStep
 from rnnkit.models.recurrent import Recurrent, State
 
 
@@ -46,6 +46,7 @@ class LanguageModel(nn.Module):
             nonlinearity=config.nonlinearity,
             backend=config.backend,
             init=config.init,
+            scan=config.scan,
         )
         self.dropout = nn.Dropout(config.dropout)
         # Whether the bound step looks layer 0's input product up in a (V, G*H) per-token table: the
@@ -83,11 +84,12 @@ class LanguageModel(nn.Module):
         return self.stepper()(ids, state)
 
     def input_table(self) -> torch.Tensor:
-        """(V, G*H): layer 0's ``W_ih x + b_ih + b_hh`` for every token x, computed now."""
+        """(V, G*H): layer 0's ``W_ih x + b_ih + b_hh`` for every token x, computed now (minGRU/minLSTM: no b_hh)."""
         w_ih, _, b_ih, b_hh = self.recurrent.layer_weights(0)
         with torch.no_grad():
             inputs = self.embedding.weight if self.embedding is not None else None  # (V, E), or one-hot: W_ih^T
-            table = (w_ih.t() if inputs is None else inputs @ w_ih.t()) + (b_ih + b_hh)  # (V, G*H)
+            bias = b_ih if b_hh is None else b_ih + b_hh  # (G*H,)
+            table = (w_ih.t() if inputs is None else inputs @ w_ih.t()) + bias  # (V, G*H)
         return table.contiguous()
 
     def initial_state(self, batch_size: int) -> State:
@@ -103,14 +105,14 @@ class LanguageModelStep:
     ids (B,), logits (B, V), state as the model's (``None``: zeros). Binding
     (``model.stepper()``) builds everything the step caches, once:
 
-    * table path (``model.step_uses_table``: LSTM or vanilla RNN with V <= E,
-      hence every one-hot model but a GRU): the (V, G*H) input table
+    * table path (``model.step_uses_table``: LSTM, vanilla RNN, minGRU or
+      minLSTM with V <= E, hence every one-hot model but a GRU): the (V, G*H) input table
       :meth:`LanguageModel.input_table`, so layer 0's input product is a row
       lookup, and the recurrent step bound ``projected``;
     * otherwise: the embedding (or one-hot) of the ids, then the recurrent step.
 
     Either way the recurrent part is a :class:`~rnnkit.models.cells.FusedStep`
-    and the head one ``addmm``. What binding derives from the weights (the
+    (minGRU/minLSTM: a :class:`~rnnkit.models.cells.MinStep`) and the head one ``addmm``. What binding derives from the weights (the
     table, ``[W_ih | W_hh]^T``, the summed biases) is a copy, so bind again
     after the weights change; what the step uses as it is (the embedding, the
     head, a GRU's weights) is read in place. Eval-mode arithmetic (no
@@ -120,7 +122,7 @@ class LanguageModelStep:
     def __init__(self, model: LanguageModel) -> None:
         self.embed = model.embed
         self.table: torch.Tensor | None = model.input_table() if model.step_uses_table else None  # (V, G*H)
-        self.recurrent: FusedStep = model.recurrent.stepper(projected=self.table is not None)
+        self.recurrent: FusedStep | MinStep = model.recurrent.stepper(projected=self.table is not None)
         self.initial_state = model.initial_state
         # (V,) and (H, V), a transposed view: addmm reads the (V, H) weight as it lies.
         self.head_b, self.head_w_t = model.head.bias.detach(), model.head.weight.detach().t()

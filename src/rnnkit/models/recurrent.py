@@ -6,13 +6,17 @@ batches states never needs to know the cell type.
 
 Two backends compute the same function with the same parameters:
 
-* ``fused``: PyTorch's ``nn.LSTM``/``GRU``/``RNN`` (oneDNN/cuDNN kernels).
+* ``fused``: PyTorch's ``nn.LSTM``/``GRU``/``RNN`` (oneDNN/cuDNN kernels);
+  for minGRU/minLSTM, which PyTorch lacks, :class:`ScanStack`: the gates of
+  the whole window from one matrix product per layer, then the scan chosen
+  by ``scan`` (:mod:`rnnkit.models.scan`).
 * ``scratch``: :class:`ScratchStack`, a time loop over the hand-written cells
   of :mod:`rnnkit.models.cells`. It registers its parameters exactly as the
   fused module does (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
-  ``bias_hh_l{k}``, same shapes, same order), so ``state_dict``s, checkpoints
-  and even optimizer states move between the backends unchanged, and the
-  default initialisation draws the same numbers from the same seed.
+  ``bias_hh_l{k}``, same shapes, same order; minGRU/minLSTM have only the
+  ``ih`` pair), so ``state_dict``s, checkpoints and even optimizer states move
+  between the backends unchanged, and the default initialisation draws the
+  same numbers from the same seed.
 
 Two calls, one per shape of work (the model contract):
 
@@ -31,12 +35,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.cells import GATES, FusedStep, State, gru_cell, init_recurrent_, lstm_cell, rnn_cell
+from rnnkit.models.cells import (
+    COEFFICIENTS,
+    GATES,
+    LOG_COEFFICIENTS,
+    MIN_CELLS,
+    MINIMAL,
+    FusedStep,
+    MinStep,
+    State,
+    gru_cell,
+    init_recurrent_,
+    lstm_cell,
+    rnn_cell,
+)
+from rnnkit.models.scan import SCANS, choose_scan, parallel_scan, sequential_scan
 
-__all__ = ["BACKENDS", "CELLS", "Recurrent", "ScratchStack", "State", "detach_state"]
+__all__ = ["BACKENDS", "CELLS", "Recurrent", "ScanStack", "ScratchStack", "State", "detach_state"]
 
 _FUSED = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-CELLS = tuple(_FUSED)
+CELLS = (*_FUSED, *MINIMAL)
 BACKENDS = ("fused", "scratch")
 _WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
@@ -48,8 +66,9 @@ class ScratchStack(nn.Module):
     product for all T steps, with both biases folded in where the equations
     allow), then walks the time steps with ``unbind(1)`` (indexing ``xp[:, t]``
     in the loop measured about twice as slow), applying only the recurrent
-    half of the cell per step. Dropout falls between layers in training, as
-    in the fused modules.
+    half of the cell per step (for minGRU/minLSTM, the whole cell: their
+    gates read only the projected input). Dropout falls between layers in
+    training, as in the fused modules.
     """
 
     def __init__(
@@ -76,25 +95,33 @@ class ScratchStack(nn.Module):
         gates = GATES[cell] * hidden
         for k in range(layers):
             fan_in = input_size if k == 0 else hidden
-            # The same names, shapes and registration order as nn.LSTM/GRU/RNN.
+            # The same names, shapes and registration order as nn.LSTM/GRU/RNN; minGRU/minLSTM have
+            # no hidden-to-hidden weights, so only the stacked gate and candidate projections.
             self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(gates, fan_in)))
-            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(gates, hidden)))
+            if cell not in MINIMAL:
+                self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(gates, hidden)))
             self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(gates)))
-            self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(gates)))
+            if cell not in MINIMAL:
+                self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(gates)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init_recurrent_(list(self.named_parameters()), hidden=self.hidden_size, scheme="default")
 
     def layer_weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(getattr(self, f"{name}_l{k}") for name in _WEIGHT_NAMES)  # type: ignore[return-value]
+        # minGRU/minLSTM: (weight_ih, None, bias_ih, None).
+        return tuple(getattr(self, f"{name}_l{k}", None) for name in _WEIGHT_NAMES)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         finals: list[State] = []
         for k in range(self.num_layers):
             if k > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, training=True)  # between layers only
-            x, final = self._layer(x, tuple(s[k] for s in state), *self.layer_weights(k))
+            if self.cell in MINIMAL:
+                w_ih, _, b_ih, _ = self.layer_weights(k)  # no hidden-to-hidden weights
+                x, final = self._min_layer(x, state[0][k], w_ih, b_ih)
+            else:
+                x, final = self._layer(x, tuple(s[k] for s in state), *self.layer_weights(k))
             finals.append(final)
         # Per-layer (B, H) finals -> (layers, B, H) per state tensor.
         return x, tuple(torch.stack(parts) for parts in zip(*finals, strict=True))
@@ -135,10 +162,61 @@ class ScratchStack(nn.Module):
             final = (h,)
         return torch.stack(outputs, dim=1), final
 
+    def _min_layer(self, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor,
+                   b_ih: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """minGRU/minLSTM, the reference: x (B, T, I), h (B, H) -> outputs (B, T, H), (h_T,)."""
+        cell = MIN_CELLS[self.cell]
+        # (B, T, G*H): every step's gates and candidate, one GEMM; the gates at the state's precision
+        # (float32 under bf16/fp16 autocast), as the scan stack computes them.
+        xp = F.linear(x, w_ih, b_ih).to(h.dtype)
+        outputs = []
+        for gx in xp.unbind(1):
+            h = cell(gx, h)  # the whole step: nothing in it reads h but the final mix
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h,)
+
     def extra_repr(self) -> str:
         extra = f", nonlinearity={self.nonlinearity!r}" if self.cell == "rnn" else ""
         return (f"{self.cell}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"dropout={self.dropout}{extra}")
+
+
+class ScanStack(ScratchStack):
+    """minGRU/minLSTM's fast stack: the scratch stack's parameters, each layer's window as one scan.
+
+    Per layer: ``gx = W_ih x + b_ih`` for the whole window (one GEMM,
+    (B, T, G*H)), every gate and candidate from it at once (elementwise over
+    the window), then ``h_t = a_t * h_{t-1} + b_t`` by the scan ``scan``
+    names: ``sequential`` (an ``addcmul`` per step), ``parallel`` (Heinsen's
+    log-space scan) or ``auto`` (chosen by the input's device at each call,
+    :func:`~rnnkit.models.scan.choose_scan`). Same function as
+    :class:`ScratchStack`'s loop, tested equal.
+    """
+
+    def __init__(self, *, cell: str, input_size: int, hidden: int, layers: int = 1, dropout: float = 0.0,
+                 scan: str = "auto") -> None:
+        if cell not in MINIMAL:
+            raise ValueError(f"a scan stack runs mingru or minlstm, not {cell!r}")
+        if scan not in SCANS:
+            raise ValueError(f"unknown scan {scan!r} (choose: {', '.join(SCANS)})")
+        super().__init__(cell=cell, input_size=input_size, hidden=hidden, layers=layers, dropout=dropout)
+        self.scan = scan
+
+    def _min_layer(self, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor,
+                   b_ih: torch.Tensor) -> tuple[torch.Tensor, State]:
+        # (B, T, G*H), then at the state's precision: under bf16/fp16 autocast the GEMM runs in half
+        # precision but the gates and the scan (a cumsum over T in log space) stay in float32.
+        gx = F.linear(x, w_ih, b_ih).to(h.dtype)
+        if choose_scan(self.scan, x.device) == "parallel":
+            log_a, log_b = LOG_COEFFICIENTS[self.cell](gx)  # (B, T, H) each
+            out = parallel_scan(log_a, log_b, h)
+        else:
+            a, b = COEFFICIENTS[self.cell](gx)  # (B, T, H) each
+            out = sequential_scan(a, b, h)
+        return out, (out[:, -1],)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scan={self.scan!r}"
 
 
 class Recurrent(nn.Module):
@@ -155,12 +233,15 @@ class Recurrent(nn.Module):
         nonlinearity: str = "tanh",
         backend: str = "fused",
         init: str = "default",
+        scan: str = "auto",
     ) -> None:
         super().__init__()
-        if cell not in _FUSED:
-            raise ValueError(f"unknown cell {cell!r}")
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r} (choose: {', '.join(CELLS)})")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (choose: {', '.join(BACKENDS)})")
+        if scan not in SCANS:  # checked for every cell and backend, though only ScanStack reads it
+            raise ValueError(f"unknown scan {scan!r} (choose: {', '.join(SCANS)})")
         self.cell = cell
         self.hidden = hidden
         self.layers = layers
@@ -168,9 +249,12 @@ class Recurrent(nn.Module):
         self.backend = backend
         # Dropout between layers only: applied to every layer's output but the last.
         between = dropout if layers > 1 else 0.0
-        if backend == "fused":
+        if backend == "fused" and cell in MINIMAL:
+            self.rnn: nn.Module = ScanStack(cell=cell, input_size=input_size, hidden=hidden, layers=layers,
+                                            dropout=between, scan=scan)
+        elif backend == "fused":
             kwargs = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
-            self.rnn: nn.Module = _FUSED[cell](
+            self.rnn = _FUSED[cell](
                 input_size, hidden, num_layers=layers, batch_first=True, dropout=between, **kwargs,
             )
         else:
@@ -192,14 +276,14 @@ class Recurrent(nn.Module):
         return tuple(zeros.clone() for _ in range(self.state_size))
 
     def layer_weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer k's (weight_ih, weight_hh, bias_ih, bias_hh), whichever the backend."""
-        return tuple(getattr(self.rnn, f"{name}_l{k}") for name in _WEIGHT_NAMES)  # type: ignore[return-value]
+        """Layer k's (weight_ih, weight_hh, bias_ih, bias_hh), whichever the backend; minGRU/minLSTM: hh are None."""
+        return tuple(getattr(self.rnn, f"{name}_l{k}", None) for name in _WEIGHT_NAMES)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """The whole window x (B, T, I) -> outputs (B, T, H) and the final state, on the backend's module."""
         if state is None:
             state = self.initial_state(x.shape[0], device=x.device, dtype=x.dtype)
-        if self.backend == "scratch":
+        if self.backend == "scratch" or self.cell in MINIMAL:
             return self.rnn(x, state)
         fused_state = state if self.cell == "lstm" else state[0]
         out, new_state = self.rnn(x, fused_state)  # out (B, T, H)
@@ -210,14 +294,18 @@ class Recurrent(nn.Module):
         """Whether :meth:`stepper` can start from a projected input (not for the GRU, whose r gates W_hn h only)."""
         return self.cell != "gru"
 
-    def stepper(self, *, projected: bool = False) -> FusedStep:
+    def stepper(self, *, projected: bool = False) -> FusedStep | MinStep:
         """Bind the one-token step to this moment's weights: ``run(x, state) -> (h, state)``, eval only.
 
         x (B, I), or with ``projected`` layer 0's ``W_ih x + b_ih + b_hh`` (B, G*H);
         h (B, H) is the top layer's output. Binding copies the weights into the
         step's layout (see :class:`~rnnkit.models.cells.FusedStep`); bind again
-        after the weights change.
+        after the weights change. minGRU/minLSTM bind a :class:`~rnnkit.models.cells.MinStep`
+        (projected: layer 0's ``W_ih x + b_ih``, they have no ``b_hh``).
         """
+        if self.cell in MINIMAL:
+            return MinStep(self.cell, [(w_ih, b_ih) for w_ih, _, b_ih, _ in map(self.layer_weights, range(self.layers))],
+                           projected=projected)
         return FusedStep(self.cell, [self.layer_weights(k) for k in range(self.layers)],
                          nonlinearity=self.nonlinearity, projected=projected)
 
