@@ -33,3 +33,22 @@ def test_capabilities_and_the_wrong_task_error():
     with pytest.raises(RnnkitError, match="unknown task 'poetry'"):
         tasks.get("poetry")
 
+
+
+def test_library_errors_leave_the_fix_to_the_caller(tmp_path, capsys):
+    """The tokenizer says what is unknown in its own words; the CLI adds its flag (the server its field)."""
+    from rnnkit.cli import main
+    from rnnkit.data.tokenizers import CharTokenizer
+    from rnnkit.errors import UnknownTokens
+    from rnnkit.inference import encode_prime
+
+    tok = CharTokenizer(chars=list("abc "))
+    with pytest.raises(UnknownTokens) as error:
+        encode_prime(tok, "abz", unknown="error")
+    assert str(error.value) == "prime 'abz': 1 character(s) not in the model's vocabulary: 'z'"
+    text = tmp_path / "t.txt"
+    text.write_text("abc cab bac " * 40, encoding="utf-8")
+    assert main(["train", "--text", str(text), "--hidden", "8", "--layers", "1", "--seq-len", "8", "--batch-size", "4",
+                 "--max-steps", "2", "--threads", "1", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prime", "abz", "--length", "3"]) == 2
+    assert capsys.readouterr().err.strip().endswith("'z'; remove them or pass --unknown skip")

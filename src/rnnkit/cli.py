@@ -18,7 +18,7 @@ from typing import Any
 
 from rnnkit import __version__
 from rnnkit.config import RunConfig, ServeLimits, all_keys, knobs
-from rnnkit.errors import RnnkitError
+from rnnkit.errors import RnnkitError, UnknownTokens
 from rnnkit.tasks import WrongTask
 
 # ---------------------------------------------------------------- train flags
@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except WrongTask as exc:
         return _report(RnnkitError(f"{exc}; pass a run trained with --task {exc.needed}"))
+    except UnknownTokens as exc:
+        return _report(RnnkitError(f"{exc}; remove them or pass --unknown skip"))
     except RnnkitError as exc:
         return _report(exc)
     except KeyboardInterrupt:

@@ -13,6 +13,18 @@ class RnnkitError(Exception):
     """A user-facing error: the message is one line, and the CLI exits 2."""
 
 
+class UnknownTokens(RnnkitError):
+    """Text holds pieces the tokenizer's vocabulary lacks (and the caller asked for an error, not skipping).
+
+    The message says which; how to skip them instead is for the caller to say in its own words
+    (the CLI's ``--unknown skip``, an API field), so it is left out here.
+    """
+
+    def within(self, context: str) -> UnknownTokens:
+        """The same error, said of ``context`` ("prime 'abc'", "evaluation text")."""
+        return UnknownTokens(f"{context}: {self}")
+
+
 def describe_os_error(exc: OSError) -> str:
     """What an operating-system error means for the user, and what to do about it, in one phrase."""
     import errno

@@ -17,7 +17,7 @@ import torch
 
 from rnnkit.data.classification import BucketBatcher, Example, encode_examples
 from rnnkit.data.tokenizers import Tokenizer, Unknown
-from rnnkit.errors import RnnkitError
+from rnnkit.errors import RnnkitError, UnknownTokens
 from rnnkit.models import eval_mode
 from rnnkit.models.classifier import Classifier
 
@@ -32,6 +32,8 @@ def encode_prime(tokenizer: Tokenizer, text: str, *, unknown: Unknown | None = N
     """Encode the text generation starts from; raises :class:`RnnkitError` when nothing usable is left."""
     try:
         ids = tokenizer.encode(text, unknown=unknown or tokenizer.default_unknown)
+    except UnknownTokens as exc:
+        raise exc.within(f"prime {_clip(text)!r}") from None
     except RnnkitError as exc:
         raise RnnkitError(f"prime {_clip(text)!r}: {exc}") from None
     if len(ids) == 0:

@@ -50,7 +50,7 @@ from rnnkit.data.tokenizers import (
     ids_dtype,
     tokenizer_from_dict,
 )
-from rnnkit.errors import RnnkitError
+from rnnkit.errors import RnnkitError, UnknownTokens
 from rnnkit.files import atomic_folder, fsync_dir
 
 Log = Callable[[str], None]
@@ -476,7 +476,7 @@ def encode_text(tokenizer: Tokenizer, path: str | Path, *, encoding: str = "utf-
         except RnnkitError as exc:
             if reading:
                 raise
-            raise RnnkitError(f"{what}: {exc}") from None
+            raise (exc.within(what) if isinstance(exc, UnknownTokens) else RnnkitError(f"{what}: {exc}")) from None
         finally:
             out.close()
         ids = _map_ids(staging / IDS_FILE)

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from rnnkit.errors import RnnkitError
+from rnnkit.errors import RnnkitError, UnknownTokens
 
 Unknown = Literal["error", "skip", "unk"]  # raise, drop the piece, or map it to <unk>
 
@@ -164,10 +164,7 @@ class CharTokenizer:
             filled += len(ids)
         if missing and unknown != "skip":
             shown = sorted(missing)
-            raise RnnkitError(
-                f"{len(shown)} character(s) not in the model's vocabulary: {_show(shown)}; "
-                "remove them or pass --unknown skip"
-            )
+            raise UnknownTokens(f"{len(shown)} character(s) not in the model's vocabulary: {_show(shown)}")
         return out[:filled]
 
     def unknown_in(self, text: str) -> list[str]:
@@ -465,7 +462,7 @@ class WordTokenizer:
         missing = ids < 0
         if missing.any():
             if unknown == "error":
-                raise RnnkitError(f"word(s) not in the model's vocabulary: {_show(self.unknown_in(text))}")
+                raise UnknownTokens(f"word(s) not in the model's vocabulary: {_show(self.unknown_in(text))}")
             ids = ids[~missing] if unknown == "skip" else np.where(missing, self.unk_id, ids)
         return ids.astype(ids_dtype(self.vocab_size))
 
