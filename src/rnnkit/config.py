@@ -523,8 +523,6 @@ def validate(config: RunConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise RnnkitError(f"'{key}' must not be negative, got {value}")
-    if config.task == "classify" and d.level == "char":
-        d.level = "word"  # texts are classified from their words (or BPE pieces), never characters
     if d.window:
         # --window N is shorthand for the classic many-to-one set-up.
         d.seq_len, d.target, d.sampling = d.window, "last", "random"

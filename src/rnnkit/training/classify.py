@@ -55,8 +55,8 @@ def prepare_classify_data(
     train, val, test = splits
     labels = build_label_index(train)
     d = config.data
-    if d.level == "char":  # validate(config) maps char to word; an unchecked config may still say char
-        raise RnnkitError("classification reads words: data.level must be word or bpe")
+    if d.level == "char":  # texts are classified from their words (or BPE pieces), never characters
+        d.level = "word"  # the run's configuration (config.toml, the checkpoint) says what was read
     tokenizer = build_tokenizer(d, "\n".join(e.text for e in train))
     encode = dict(tokenizer=tokenizer, labels=labels, max_len=d.max_len, truncate=d.truncate, log=log)
     data = ClassifyData(
