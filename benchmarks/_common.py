@@ -151,3 +151,41 @@ def fill_defaults(args: Any, defaults: dict[str, tuple[Any, Any]]) -> Any:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     return args
+
+
+class ServeProcess:
+    """``rnnkit serve ARGS`` in a subprocess on a free loopback port; its stderr is kept for the report."""
+
+    def __init__(self, args: list[str], *, name: str, env: dict[str, str] | None = None) -> None:
+        import re
+        import subprocess
+        import threading
+
+        argv = [sys.executable, "-m", "rnnkit", "serve", "--port", "0", *args]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+        first = self.proc.stderr.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", first)
+        if not match:
+            self.proc.kill()
+            raise SystemExit(f"{name}: the server did not start: {first}{self.proc.stderr.read()}")
+        self.port = int(match.group(1))
+        self.log: list[str] = []
+        self._drain = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+        self._drain.start()
+
+    def rss_mib(self) -> float | None:
+        import re
+        from pathlib import Path
+
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:  # not Linux
+            return None
+        return round(int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024, 1)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (a graceful stop, which exits 0) and wait; returns the exit status."""
+        self.proc.terminate()
+        code = self.proc.wait(timeout=timeout)
+        self._drain.join(timeout=5)
+        return code

@@ -31,11 +31,8 @@ import http.client
 import json
 import queue
 import random
-import re
 import socket
 import string
-import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -86,37 +83,14 @@ def build_checkpoint(folder: Path, *, hidden: int, layers: int) -> Path:
                             run_config=config, state={"step": 0, "default_prime": "\n"})
 
 
-class Server:
-    """`rnnkit serve` in a subprocess on a free loopback port; its stderr is kept for the report."""
+class Server(common.ServeProcess):
+    """One checkpoint, with the limits the load needs."""
 
     def __init__(self, checkpoint: Path, *, workers: int, threads: int, max_request_bytes: int, clients: int) -> None:
         # Every client here shares one address: the per-client limit must leave room for all of them.
-        argv = [sys.executable, "-m", "rnnkit", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-                "--workers", str(workers), "--threads", str(threads), "--log-level", "warning",
-                "--max-request-bytes", str(max_request_bytes), "--max-length", "1000",
-                "--max-client-requests", str(clients)]
-        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-        first = self.proc.stderr.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", first)
-        if not match:
-            self.proc.kill()
-            raise SystemExit(f"serve_load: the server did not start: {first}{self.proc.stderr.read()}")
-        self.port = int(match.group(1))
-        self.log: list[str] = []
-        self._drain = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
-        self._drain.start()
-
-    def rss_mib(self) -> float | None:
-        try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:  # not Linux
-            return None
-        return round(int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024, 1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self._drain.join(timeout=5)
+        super().__init__(["--checkpoint", str(checkpoint), "--workers", str(workers), "--threads", str(threads),
+                          "--log-level", "warning", "--max-request-bytes", str(max_request_bytes),
+                          "--max-length", "1000", "--max-client-requests", str(clients)], name="serve_load")
 
 
 class Client:

@@ -35,11 +35,8 @@ import http.client
 import json
 import os
 import random
-import re
 import socket
 import string
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -99,38 +96,15 @@ def build_checkpoints(folder: Path, seed: int) -> tuple[Path, Path]:
     return lm, cls
 
 
-class Server:
-    """`rnnkit serve` with both models and two keys, on a free loopback port; its stderr is kept for the report."""
+class Server(common.ServeProcess):
+    """The two models behind keys, with room for every client's requests at once."""
 
     def __init__(self, lm: Path, cls: Path, keyfile: Path, args: argparse.Namespace) -> None:
-        argv = [sys.executable, "-m", "rnnkit", "serve", "--checkpoint", f"lm={lm}", "--checkpoint", f"cls={cls}",
-                "--port", "0", "--api-key-file", str(keyfile), "--workers", str(args.workers),
-                "--threads", str(args.threads), "--log-level", "warning", "--max-length", "200",
-                "--max-sessions", str(args.max_sessions), "--max-client-requests", str(2 * args.clients)]
         env = {k: v for k, v in os.environ.items() if k != "RNNKIT_API_KEY"}
-        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
-        first = self.proc.stderr.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/", first)
-        if not match:
-            self.proc.kill()
-            raise SystemExit(f"serve_soak: the server did not start: {first}{self.proc.stderr.read()}")
-        self.port = int(match.group(1))
-        self.log: list[str] = []
-        self._drain = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
-        self._drain.start()
-
-    def rss_mib(self) -> float | None:
-        try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:  # not Linux
-            return None
-        return round(int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024, 1)
-
-    def stop(self) -> int:
-        self.proc.terminate()  # SIGTERM: a graceful stop, which exits 0
-        code = self.proc.wait(timeout=60)
-        self._drain.join(timeout=5)
-        return code
+        super().__init__(["--checkpoint", f"lm={lm}", "--checkpoint", f"cls={cls}", "--api-key-file", str(keyfile),
+                          "--workers", str(args.workers), "--threads", str(args.threads), "--log-level", "warning",
+                          "--max-length", "200", "--max-sessions", str(args.max_sessions),
+                          "--max-client-requests", str(2 * args.clients)], name="serve_soak", env=env)
 
 
 class Client:
