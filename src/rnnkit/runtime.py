@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 from dataclasses import dataclass
@@ -154,7 +155,21 @@ def init_distributed(device: str = "auto") -> Distributed:
         raise RnnkitError(f"could not join the process group at {os.environ['MASTER_ADDR']}:"
                           f"{os.environ['MASTER_PORT']} (rank {rank} of {world}): {first}") from None
     _CURRENT[0] = Distributed(rank=rank, world=world, local_rank=local_rank)
+    # Leave the group before the interpreter goes: a gloo group still alive at exit can abort the
+    # process ("terminate called without an active exception") after the work is done.
+    atexit.register(_leave_group)
     return _CURRENT[0]
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except (RuntimeError, ValueError):  # the group already broke (a peer died): nothing to leave
+        pass
+    _CURRENT[0] = SINGLE
 
 
 def distributed() -> Distributed:
