@@ -189,3 +189,36 @@ class ServeProcess:
         code = self.proc.wait(timeout=timeout)
         self._drain.join(timeout=5)
         return code
+
+
+class KeepAliveClient:
+    """One keep-alive HTTP connection to 127.0.0.1 with Nagle's algorithm off (as browsers and curl).
+
+    A failed request closes the connection, opens a new one and answers status 0.
+    """
+
+    def __init__(self, port: int, *, timeout: float = 300) -> None:
+        self.port, self.timeout = port, timeout
+        self.conn = self._connect()
+
+    def _connect(self):
+        import http.client
+        import socket
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        conn.connect()
+        # http.client sends the headers and the body in two writes: without this the body waits for an ACK.
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def send(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        import http.client
+
+        try:
+            self.conn.request(method, path, body=data, headers=headers)
+            response = self.conn.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            self.conn = self._connect()
+            return 0, b""

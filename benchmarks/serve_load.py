@@ -27,11 +27,9 @@ Prints one JSON object on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import queue
 import random
-import socket
 import string
 import tempfile
 import threading
@@ -93,29 +91,11 @@ class Server(common.ServeProcess):
                           "--max-length", "1000", "--max-client-requests", str(clients)], name="serve_load")
 
 
-class Client:
-    """One keep-alive connection with Nagle's algorithm off (as browsers and curl); reconnects after a failure."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn = self._connect()
-
-    def _connect(self) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
-        conn.connect()
-        # http.client sends the headers and the body in two writes: without this the body waits for an ACK.
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+class Client(common.KeepAliveClient):
+    """One keep-alive connection; a failed request is status 0."""
 
     def post(self, path: str, body: dict) -> tuple[int, bytes]:
-        try:
-            self.conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-            response = self.conn.getresponse()
-            return response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            self.conn.close()
-            self.conn = self._connect()
-            return 0, b""
+        return self.send("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
     def post_json(self, path: str, body: dict) -> dict:
         status, data = self.post(path, body)

@@ -31,11 +31,9 @@ Prints one JSON object on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
-import socket
 import string
 import tempfile
 import threading
@@ -107,19 +105,12 @@ class Server(common.ServeProcess):
                           "--max-client-requests", str(2 * args.clients)], name="serve_soak", env=env)
 
 
-class Client:
-    """One keep-alive connection (Nagle off); reconnects after a failure, which it reports as status 0."""
+class Client(common.KeepAliveClient):
+    """One keep-alive connection that sends a key (or a given wrong one, or none); a failure is status 0."""
 
     def __init__(self, port: int, key: str) -> None:
-        self.port = port
+        super().__init__(port, timeout=120)
         self.key = key
-        self.conn = self._connect()
-
-    def _connect(self) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
 
     def call(self, method: str, path: str, body: object = None, *, raw: bytes | None = None,
              key: str | None = "") -> tuple[int, bytes]:
@@ -128,14 +119,7 @@ class Client:
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        try:
-            self.conn.request(method, path, body=data, headers=headers)
-            response = self.conn.getresponse()
-            return response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            self.conn.close()
-            self.conn = self._connect()
-            return 0, b""
+        return self.send(method, path, data, headers)
 
 
 class Tally:
