@@ -103,7 +103,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         worker(args)
-        return
+        from rnnkit.runtime import exit_process
+
+        exit_process(0)  # a group member leaves it before the interpreter's teardown
     if args.quick:
         args.hidden, args.layers, args.batch, args.seq_len, args.steps, args.repeats = 32, 1, 8, 16, 5, 1
     rows: dict[str, list[dict]] = {"1x2": [], "2x1": []}

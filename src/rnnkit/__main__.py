@@ -1,7 +1,6 @@
-"""``python -m rnnkit`` runs the CLI."""
-
-import sys
+"""``python -m rnnkit`` runs the CLI (and is what torchrun starts: ``torchrun ... -m rnnkit train``)."""
 
 from rnnkit.cli import main
+from rnnkit.runtime import exit_process
 
-sys.exit(main())
+exit_process(main())

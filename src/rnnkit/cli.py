@@ -448,4 +448,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rnnkit.runtime import exit_process
+
+    exit_process(main())

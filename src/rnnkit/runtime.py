@@ -161,6 +161,23 @@ def init_distributed(device: str = "auto") -> Distributed:
     return _CURRENT[0]
 
 
+def exit_process(code: int) -> None:
+    """End this process with ``code``; a member of a process group leaves it and skips the C++ teardown.
+
+    gloo can abort a worker whose work is done and saved ("terminate called without an active
+    exception", SIGABRT) while the interpreter destroys its objects at exit; after the group is left
+    and the output flushed, ``os._exit`` ends the process before that.
+    """
+    if not _CURRENT[0].active:
+        raise SystemExit(code)
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _leave_group()
+    os._exit(code)
+
+
 def _leave_group() -> None:
     import torch.distributed as dist
 
