@@ -9,8 +9,13 @@ Side B ("baseline") is the classic loop written out here: ``nn.Embedding`` ->
 backward, ``clip_grad_norm_(..., 5.0)``, ``Adam.step()``, with the same
 shapes, the same data and the same detached state carried between windows.
 
-Both sides live in one process and alternate (A B, B A, ...) over several
-repeats, because the host's speed drifts: only back-to-back figures compare.
+Each side runs in a worker process of its own, set up as its program would
+be: the rnnkit sides as ``rnnkit train`` sets a process up (``MKL_CBWR`` for
+exact resume, glibc's allocator told to keep freed memory), the bare loop as a
+plain Python process. The workers take turns (A B, B A, ...) over several
+repeats, never at once, because the host's speed drifts: only back-to-back
+figures compare. ``--malloc no-mmap|system`` gives every side the same
+allocator instead, to measure what the setting itself is worth.
 Prints one JSON object on stdout; progress goes to stderr.
 
     .venv/bin/python benchmarks/train_throughput.py            # full run (~2-3 min on 2 cores)
@@ -26,6 +31,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import _common as common
@@ -41,7 +50,7 @@ from rnnkit.models.recurrent import CELLS
 from rnnkit.training.engine import build_optimizer
 from rnnkit.training.lm import train_step
 
-TARGET_RATIO = 0.95
+TARGET_RATIO = 1.15
 CLIP = 5.0
 
 
@@ -139,9 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated rnnkit cells to time beside the bare LSTM loop (lstm is always one)")
     p.add_argument("--scan", choices=["auto", "parallel", "sequential"], default="auto",
                    help="the scan of minGRU/minLSTM sides")
-    p.add_argument("--malloc", choices=["dynamic", "no-mmap"], default="dynamic",
-                   help="dynamic: glibc as a normal process has it (big buffers mmapped and page-faulted in "
-                        "again every step); no-mmap: serve every block from the heap and keep it (both sides)")
+    p.add_argument("--malloc", choices=["as-shipped", "no-mmap", "system"], default="as-shipped",
+                   help="as-shipped: each side's allocator as its program leaves it (rnnkit keeps freed memory, "
+                        "see rnnkit.runtime.keep_freed_memory; the bare loop has glibc's defaults); no-mmap: every "
+                        "side serves every block from the heap; system: every side has glibc's defaults")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side, taking orders on stdin
     args = p.parse_args(argv)
     args.cells = ["lstm", *[c for c in dict.fromkeys(args.cells.split(",")) if c and c != "lstm"]]
     unknown = [c for c in args.cells if c not in CELLS]
@@ -154,43 +165,95 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return common.fill_defaults(args, defaults)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def worker(args: argparse.Namespace) -> None:
+    """One side in a process of its own: build it, then run each ``N`` read on stdin as N timed steps."""
+    if args.malloc == "no-mmap":
+        common.set_malloc(*common.NO_MMAP_MALLOC)
+    elif args.worker != "baseline":  # what `rnnkit train` does once its data is read (RNNKIT_MALLOC=system: not)
+        from rnnkit.runtime import keep_freed_memory
+
+        keep_freed_memory()
     common.setup(args.threads, args.seed)
-    malloc_set = args.malloc == "no-mmap" and common.set_malloc(*common.NO_MMAP_MALLOC)
     # Enough text for 20 windows per stream; epochs repeat (state resets at each start).
     ids = common.synthetic_ids(args.batch * args.seq_len * 20 + 1, args.vocab, args.seed)
+    torch.manual_seed(args.seed)
+    if args.worker == "baseline":
+        step, params = make_baseline_side(args, ids)
+    else:
+        step, params = make_rnnkit_side(args, ids, args.worker.removeprefix("rnnkit_") if "_" in args.worker
+                                        else "lstm")
+    print(json.dumps({"parameters": params}), flush=True)
+    for line in sys.stdin:
+        seconds, loss, faults, cpu = timed(step, int(line))
+        print(json.dumps({"seconds": seconds, "loss": loss, "faults": faults, "cpu": cpu,
+                          "peak_rss_mib": common.peak_rss_mib()}), flush=True)
 
-    torch.manual_seed(args.seed)
-    rnnkit_step, rnnkit_params = make_rnnkit_side(args, ids)
-    torch.manual_seed(args.seed)
-    baseline_step, baseline_params = make_baseline_side(args, ids)
-    sides = {"rnnkit": rnnkit_step, "baseline": baseline_step}
-    cell_params = {"lstm": rnnkit_params}
-    for cell in args.cells[1:]:  # "rnnkit" is the LSTM side; each further cell is one more side
-        torch.manual_seed(args.seed)
-        sides[f"rnnkit_{cell}"], cell_params[cell] = make_rnnkit_side(args, ids, cell)
+
+class Side:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, name: str, argv: list[str], malloc: str) -> None:
+        env = dict(os.environ)
+        if name != "baseline":
+            env.setdefault("MKL_CBWR", "AUTO,STRICT")  # as rnnkit.runtime.exact_cpu_math sets it for `rnnkit train`
+        if malloc == "system":
+            env["RNNKIT_MALLOC"] = "system"
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, __file__, *argv, "--worker", name], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.parameters = self._reply()["parameters"]
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"train_throughput: the {self.name} worker exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, steps: int) -> dict:
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    common.setup(args.threads, args.seed)
+    sides = {name: Side(name, argv, args.malloc)
+             for name in ["rnnkit", "baseline", *[f"rnnkit_{cell}" for cell in args.cells[1:]]]}
+    rnnkit_params, baseline_params = sides["rnnkit"].parameters, sides["baseline"].parameters
+    cell_params = {"lstm": rnnkit_params, **{c: sides[f"rnnkit_{c}"].parameters for c in args.cells[1:]}}
     tokens_per_step = args.batch * args.seq_len
 
     common.log(f"train_throughput: {args.layers}x{args.hidden} LSTM, B={args.batch} T={args.seq_len} "
                f"V={args.vocab}, {args.threads} threads, {args.repeats} repeats x {args.steps} steps, "
-               f"malloc {'no-mmap' if malloc_set else 'left alone'}")
-    for name, step in sides.items():
-        seconds, loss, _, _ = timed(step, args.warmup)
-        common.log(f"  warm-up {name}: {args.warmup} steps in {seconds:.2f} s (loss {loss:.3f})")
+               f"malloc {args.malloc}, one process per side")
+    for name, side in sides.items():
+        reply = side.run(args.warmup)
+        common.log(f"  warm-up {name}: {args.warmup} steps in {reply['seconds']:.2f} s (loss {reply['loss']:.3f})")
 
     per_repeat: dict[str, list[float]] = {name: [] for name in sides}
     last_loss: dict[str, float] = {}
     faults: dict[str, list[float]] = {name: [] for name in sides}
     shares: dict[str, list[float]] = {name: [] for name in sides}
     load_before = common.load_average()
+    peak_rss: dict[str, float] = {}
     for r in range(args.repeats):
         names = list(sides)
         order = names[r % len(names):] + names[:r % len(names)]  # rotate: each side runs in every slot
         if len(names) == 2:
             order = ["rnnkit", "baseline"] if r % 2 == 0 else ["baseline", "rnnkit"]
         for name in order:
-            seconds, last_loss[name], n_faults, cpu = timed(sides[name], args.steps)
+            reply = sides[name].run(args.steps)
+            seconds, last_loss[name], n_faults, cpu = reply["seconds"], reply["loss"], reply["faults"], reply["cpu"]
+            peak_rss[name] = reply["peak_rss_mib"]
             faults[name].append(n_faults / args.steps)
             shares[name].append(common.cpu_share(cpu, seconds, args.threads))
             per_repeat[name].append(round(args.steps * tokens_per_step / seconds, 1))
@@ -238,15 +301,17 @@ def main(argv: list[str] | None = None) -> None:
         "cpu_share_per_repeat": shares,
         "load_average_before_after": [load_before, common.load_average()],
         "last_loss": {k: round(v, 4) for k, v in last_loss.items()},
-        "malloc": "every block from the heap (glibc M_MMAP_MAX=0)" if malloc_set else "left to the C library",
+        "malloc": args.malloc, "processes": "one per side, taking turns",
         "minor_page_faults_per_step": {k: round(common.median(v)) for k, v in faults.items()},
-        "peak_rss_mib": common.peak_rss_mib(),
+        "peak_rss_mib": peak_rss,
     }
     if len(args.cells) > 1:
         result.update({"cells": args.cells, "scan": args.scan, "cells_tokens_per_s": cells_tps,
                        "cells_parameters": cell_params, **cell_ratios,
                        "cells_tokens_per_s_per_repeat": {c: per_repeat["rnnkit" if c == "lstm" else f"rnnkit_{c}"]
                                                          for c in args.cells}})
+    for side in sides.values():
+        side.close()
     common.emit(result)
 
 
