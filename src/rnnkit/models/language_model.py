@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.config import ModelConfig
+from rnnkit.models.blocks import ResidualStack, ResidualStep
 from rnnkit.models.cells import FusedStep, MinStep
 from rnnkit.models.recurrent import Recurrent, State
 
@@ -37,16 +38,13 @@ class LanguageModel(nn.Module):
         else:
             self.embedding = None
             input_size = vocab_size
-        self.recurrent = Recurrent(
-            cell=config.cell,
-            input_size=input_size,
-            hidden=config.hidden,
-            layers=config.layers,
-            dropout=config.dropout,
-            nonlinearity=config.nonlinearity,
-            backend=config.backend,
-            init=config.init,
-            scan=config.scan,
+        common = {"cell": config.cell, "input_size": input_size, "hidden": config.hidden, "layers": config.layers,
+                  "dropout": config.dropout, "nonlinearity": config.nonlinearity, "backend": config.backend,
+                  "init": config.init, "scan": config.scan}
+        # Plain: the layers stacked directly. Residual: each in a pre-norm residual block, a final norm
+        # after them (models/blocks.py); the same calls and state format either way.
+        self.recurrent: Recurrent | ResidualStack = (
+            Recurrent(**common) if config.block == "plain" else ResidualStack(**common, mlp_ratio=config.mlp_ratio)
         )
         self.dropout = nn.Dropout(config.dropout)
         # Whether the bound step looks layer 0's input product up in a (V, G*H) per-token table: the
@@ -122,7 +120,7 @@ class LanguageModelStep:
     def __init__(self, model: LanguageModel) -> None:
         self.embed = model.embed
         self.table: torch.Tensor | None = model.input_table() if model.step_uses_table else None  # (V, G*H)
-        self.recurrent: FusedStep | MinStep = model.recurrent.stepper(projected=self.table is not None)
+        self.recurrent: FusedStep | MinStep | ResidualStep = model.recurrent.stepper(projected=self.table is not None)
         self.initial_state = model.initial_state
         # (V,) and (H, V), a transposed view: addmm reads the (V, H) weight as it lies.
         self.head_b, self.head_w_t = model.head.bias.detach(), model.head.weight.detach().t()
