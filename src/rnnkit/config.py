@@ -133,6 +133,13 @@ class ModelConfig:
                 "sequential on CPU, parallel on CUDA"
     )
 
+    def stack_name(self) -> str:
+        """The network in a few words for titles: ``LSTM 2x256``, ``MINGRU 2x256 residual, MLP x4``."""
+        name = f"{self.cell.upper()} {self.layers}x{self.hidden}"
+        if self.block == "residual":
+            name += " residual" + (f", MLP x{self.mlp_ratio:g}" if self.mlp_ratio else "")
+        return name
+
 
 @dataclass
 class TrainConfig:
