@@ -1,5 +1,10 @@
 """Language model: token ids -> (embedding | one-hot) -> recurrent stack -> next-token logits.
 
+The stack is a plain :class:`~rnnkit.models.recurrent.Recurrent` (``block =
+"plain"``) or, with ``block = "residual"``, a
+:class:`~rnnkit.models.blocks.ResidualStack` of pre-norm residual blocks; both
+have the same calls and the same state format.
+
 The model contract, shared by every model:
 
 * ``forward(ids, state=None) -> (logits, state)`` over a window: ids (B, T),
@@ -110,7 +115,8 @@ class LanguageModelStep:
     * otherwise: the embedding (or one-hot) of the ids, then the recurrent step.
 
     Either way the recurrent part is a :class:`~rnnkit.models.cells.FusedStep`
-    (minGRU/minLSTM: a :class:`~rnnkit.models.cells.MinStep`) and the head one ``addmm``. What binding derives from the weights (the
+    (minGRU/minLSTM: a :class:`~rnnkit.models.cells.MinStep`; residual blocks: a
+    :class:`~rnnkit.models.blocks.ResidualStep`, never the table) and the head one ``addmm``. What binding derives from the weights (the
     table, ``[W_ih | W_hh]^T``, the summed biases) is a copy, so bind again
     after the weights change; what the step uses as it is (the embedding, the
     head, a GRU's weights) is read in place. Eval-mode arithmetic (no
