@@ -169,7 +169,9 @@ def trained(tmp_path_factory):
     return folder
 
 
-def test_train_then_resume_is_exact(trained):
+def test_train_then_resume_is_exact(trained, capsys):
+    assert main(["train", "--resume", str(trained / "run"), "--block", "plain", "--max-steps", "6"]) == 2
+    assert "cannot change model.block" in capsys.readouterr().err
     assert main(["train", "--resume", str(trained / "run"), "--max-steps", "6", "--quiet"]) == 0
     straight = load_checkpoint(trained / "straight", prefer="last")
     resumed = load_checkpoint(trained / "run", prefer="last")
