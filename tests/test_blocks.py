@@ -147,7 +147,8 @@ def test_nonsense_settings_are_one_line_errors(tmp_path, capsys):
     text.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "run"
     common = ["train", "--text", text, "--out", out, "--max-steps", "2", *TINY]
-    bad([*common, "--block", "residual", "--mlp-ratio", "-1"], capsys, "must not be negative", out)
+    for ratio in ("-1", "inf", "nan"):
+        bad([*common, "--block", "residual", "--mlp-ratio", ratio], capsys, "must be between 0 and 64", out)
     bad([*common, "--mlp-ratio", "4"], capsys, "add --block residual", out)
     bad([*common, "--block", "residual", "--mlp-ratio", "0.01"], capsys, "no units", out)
     bad([*common, "--block", "sideways"], capsys, "invalid choice", out)

@@ -125,7 +125,7 @@ class ModelConfig:
     )
     mlp_ratio: float = knob(
         0.0, "residual blocks: after each recurrent sub-block, a pre-norm residual MLP of this many times --hidden "
-             "units with GELU (e.g. 4; 0: no MLP)"
+             "units with GELU (e.g. 4; 0: no MLP; at most 64)"
     )
     scan: Literal["auto", "parallel", "sequential"] = knob(
         "auto", "mingru/minlstm, fused backend: parallel is the log-space scan, sequential an elementwise loop "
@@ -578,8 +578,8 @@ def validate(config: RunConfig) -> None:
 def check_block(config: RunConfig) -> None:
     """The residual-block knobs: a sensible MLP ratio, and only where the network has residual blocks."""
     m = config.model
-    if not m.mlp_ratio >= 0:  # also refuses NaN
-        raise RnnkitError(f"'model.mlp_ratio' must not be negative, got {m.mlp_ratio:g} (0: no MLP; 4: a 4 x hidden MLP)")
+    if not 0 <= m.mlp_ratio <= 64:  # also refuses NaN and infinity
+        raise RnnkitError(f"'model.mlp_ratio' must be between 0 and 64, got {m.mlp_ratio:g} (0: no MLP; 4: a 4 x hidden MLP)")
     if m.mlp_ratio and m.block != "residual":
         raise RnnkitError(f"--mlp-ratio {m.mlp_ratio:g} adds an MLP to residual blocks; add --block residual "
                           "(or drop --mlp-ratio)")
