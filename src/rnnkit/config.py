@@ -118,11 +118,27 @@ class ModelConfig:
         "biases (the d2l tutorial's); or Keras's defaults (embedding uniform +-0.05, input weights and head "
         "Glorot uniform, recurrent weights orthogonal, biases zero, LSTM forget-gate bias 1)",
     )
+    block: Literal["plain", "residual"] = knob(
+        "plain", "language models: plain stacks the recurrent layers; residual wraps each in a pre-norm residual "
+                 "block (x + dropout(layer(LayerNorm(x))), a final LayerNorm before the head, a Linear input "
+                 "projection when the input width is not --hidden), as the minGRU paper's and nanoGPT's models"
+    )
+    mlp_ratio: float = knob(
+        0.0, "residual blocks: after each recurrent sub-block, a pre-norm residual MLP of this many times --hidden "
+             "units with GELU (e.g. 4; 0: no MLP; at most 64)"
+    )
     scan: Literal["auto", "parallel", "sequential"] = knob(
         "auto", "mingru/minlstm, fused backend: parallel is the log-space scan, sequential an elementwise loop "
                 "over gates computed for the whole window (same function); auto picks by device, as measured: "
                 "sequential on CPU, parallel on CUDA"
     )
+
+    def stack_name(self) -> str:
+        """The network in a few words for titles: ``LSTM 2x256``, ``MINGRU 2x256 residual, MLP x4``."""
+        name = f"{self.cell.upper()} {self.layers}x{self.hidden}"
+        if self.block == "residual":
+            name += " residual" + (f", MLP x{self.mlp_ratio:g}" if self.mlp_ratio else "")
+        return name
 
 
 @dataclass
@@ -549,6 +565,7 @@ def validate(config: RunConfig) -> None:
             f"val_fraction + test_fraction = {d.val_fraction + d.test_fraction:g} leaves too little "
             "text to train on; keep their sum below 0.9"
         )
+    check_block(config)
     if m.tie_weights:
         if m.input != "embedding":
             raise RnnkitError("--tie-weights needs --input embedding (a one-hot input has no matrix to share)")
@@ -556,3 +573,19 @@ def validate(config: RunConfig) -> None:
             raise RnnkitError(
                 f"--tie-weights needs --embedding-dim equal to --hidden ({m.hidden}), got {m.embedding_dim}"
             )
+
+
+def check_block(config: RunConfig) -> None:
+    """The residual-block knobs: a sensible MLP ratio, and only where the network has residual blocks."""
+    m = config.model
+    if not 0 <= m.mlp_ratio <= 64:  # also refuses NaN and infinity
+        raise RnnkitError(f"'model.mlp_ratio' must be between 0 and 64, got {m.mlp_ratio:g} (0: no MLP; 4: a 4 x hidden MLP)")
+    if m.mlp_ratio and m.block != "residual":
+        raise RnnkitError(f"--mlp-ratio {m.mlp_ratio:g} adds an MLP to residual blocks; add --block residual "
+                          "(or drop --mlp-ratio)")
+    if m.mlp_ratio and round(m.mlp_ratio * m.hidden) < 1:
+        raise RnnkitError(f"--mlp-ratio {m.mlp_ratio:g} x --hidden {m.hidden} gives an MLP of no units; "
+                          "raise --mlp-ratio or use 0 for no MLP")
+    if m.block == "residual" and config.task == "classify":
+        raise RnnkitError("--block residual is for language models; the classifier stacks plain layers "
+                          "(drop --block or use --block plain)")

@@ -1,5 +1,10 @@
 """Language model: token ids -> (embedding | one-hot) -> recurrent stack -> next-token logits.
 
+The stack is a plain :class:`~rnnkit.models.recurrent.Recurrent` (``block =
+"plain"``) or, with ``block = "residual"``, a
+:class:`~rnnkit.models.blocks.ResidualStack` of pre-norm residual blocks; both
+have the same calls and the same state format.
+
 The model contract, shared by every model:
 
 * ``forward(ids, state=None) -> (logits, state)`` over a window: ids (B, T),
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.config import ModelConfig
+from rnnkit.models.blocks import ResidualStack, ResidualStep
 from rnnkit.models.cells import FusedStep, MinStep
 from rnnkit.models.recurrent import Recurrent, State
 
@@ -37,16 +43,13 @@ class LanguageModel(nn.Module):
         else:
             self.embedding = None
             input_size = vocab_size
-        self.recurrent = Recurrent(
-            cell=config.cell,
-            input_size=input_size,
-            hidden=config.hidden,
-            layers=config.layers,
-            dropout=config.dropout,
-            nonlinearity=config.nonlinearity,
-            backend=config.backend,
-            init=config.init,
-            scan=config.scan,
+        common = {"cell": config.cell, "input_size": input_size, "hidden": config.hidden, "layers": config.layers,
+                  "dropout": config.dropout, "nonlinearity": config.nonlinearity, "backend": config.backend,
+                  "init": config.init, "scan": config.scan}
+        # Plain: the layers stacked directly. Residual: each in a pre-norm residual block, a final norm
+        # after them (models/blocks.py); the same calls and state format either way.
+        self.recurrent: Recurrent | ResidualStack = (
+            Recurrent(**common) if config.block == "plain" else ResidualStack(**common, mlp_ratio=config.mlp_ratio)
         )
         self.dropout = nn.Dropout(config.dropout)
         # Whether the bound step looks layer 0's input product up in a (V, G*H) per-token table: the
@@ -112,7 +115,8 @@ class LanguageModelStep:
     * otherwise: the embedding (or one-hot) of the ids, then the recurrent step.
 
     Either way the recurrent part is a :class:`~rnnkit.models.cells.FusedStep`
-    (minGRU/minLSTM: a :class:`~rnnkit.models.cells.MinStep`) and the head one ``addmm``. What binding derives from the weights (the
+    (minGRU/minLSTM: a :class:`~rnnkit.models.cells.MinStep`; residual blocks: a
+    :class:`~rnnkit.models.blocks.ResidualStep`, never the table) and the head one ``addmm``. What binding derives from the weights (the
     table, ``[W_ih | W_hh]^T``, the summed biases) is a copy, so bind again
     after the weights change; what the step uses as it is (the embedding, the
     head, a GRU's weights) is read in place. Eval-mode arithmetic (no
@@ -122,7 +126,7 @@ class LanguageModelStep:
     def __init__(self, model: LanguageModel) -> None:
         self.embed = model.embed
         self.table: torch.Tensor | None = model.input_table() if model.step_uses_table else None  # (V, G*H)
-        self.recurrent: FusedStep | MinStep = model.recurrent.stepper(projected=self.table is not None)
+        self.recurrent: FusedStep | MinStep | ResidualStep = model.recurrent.stepper(projected=self.table is not None)
         self.initial_state = model.initial_state
         # (V,) and (H, V), a transposed view: addmm reads the (V, H) weight as it lies.
         self.head_b, self.head_w_t = model.head.bias.detach(), model.head.weight.detach().t()

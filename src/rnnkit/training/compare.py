@@ -323,7 +323,7 @@ def _val_perplexity(model: torch.nn.Module, data: LMData, d: DataConfig) -> floa
 
 def _title(config: RunConfig) -> str:
     m, d, t = config.model, config.data, config.train
-    return (f"{m.cell.upper()} {m.layers}x{m.hidden}, {m.input} input, {m.backend} cells, "
+    return (f"{m.stack_name()}, {m.input} input, {m.backend} cells, "
             f"{t.optimizer.upper()} lr {t.lr:g}, clip {t.clip:g}, T={d.seq_len}, B={d.batch_size}")
 
 

@@ -47,7 +47,7 @@ class EchoTask(WindowTask):
                                        "train_accuracy"))
         self.warn = warn
         self.live = None
-        self.title = (f"echo: {config.model.cell.upper()} {config.model.layers}x{config.model.hidden}, "
+        self.title = (f"echo: {config.model.stack_name()}, "
                       f"{d.symbols} symbols, echo {d.echo_step}, window {d.seq_len}, batch {d.batch_size}")
 
     def setup(self, session: Session) -> None:
