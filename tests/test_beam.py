@@ -1,0 +1,137 @@
+"""Beam search: exact on a tiny model, the same scores as one row at a time, deterministic; its CLI and server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from rnnkit.beam import beam_search, repeated_ngrams
+from rnnkit.config import ModelConfig
+from rnnkit.errors import RnnkitError
+from rnnkit.models.language_model import LanguageModel
+
+CELLS = ["lstm", "gru", "rnn", "mingru", "minlstm"]
+
+
+def tiny(cell="lstm", vocab=3, *, seed=0, layers=2):
+    torch.manual_seed(seed)
+    model = LanguageModel(config=ModelConfig(cell=cell, hidden=8, layers=layers), vocab_size=vocab)
+    # Spread the weights so that the continuations' probabilities differ clearly.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval()
+
+
+@torch.inference_mode()
+def teacher_forced(model, prime, ids) -> float:
+    """log p(ids | prime) from one forward pass over the whole text (no stepping, no beam)."""
+    x = torch.tensor([list(prime) + list(ids)])
+    logp = torch.log_softmax(model(x)[0].double(), dim=-1)[0]  # (T, V)
+    return sum(float(logp[len(prime) - 1 + i, tok]) for i, tok in enumerate(ids))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_wide_enough_beam_finds_the_exhaustive_best(cell):
+    model, prime, vocab, length = tiny(cell, vocab=3), [0, 2, 1], 3, 4
+    everything = sorted(((teacher_forced(model, prime, seq), seq) for seq in
+                         itertools.product(range(vocab), repeat=length)), key=lambda x: -x[0])
+    beam = vocab ** length
+    found = beam_search(model, prime, length=length, beam=beam, num_return=beam)
+    assert len(found) == beam
+    assert found[0].ids == list(everything[0][1])
+    assert found[0].log_prob == pytest.approx(everything[0][0], abs=1e-5)
+    # The whole ranking, not only the first: every hypothesis is a distinct sequence in the right order.
+    assert [h.log_prob for h in found] == pytest.approx([lp for lp, _ in everything], abs=1e-5)
+    assert len({tuple(h.ids) for h in found}) == beam
+
+
+def test_a_beam_of_v_to_the_l_minus_one_is_already_exact():
+    """Keeping every prefix of length L-1 is enough: the last step scores all their extensions."""
+    model, prime = tiny("gru", vocab=4, seed=3), [1]
+    best = max(itertools.product(range(4), repeat=3), key=lambda seq: teacher_forced(model, prime, seq))
+    assert beam_search(model, prime, length=3, beam=16)[0].ids == list(best)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "minlstm"])
+def test_each_beam_scores_as_its_own_run(cell):
+    """N hypotheses advanced as one batch get the log-probability one forward pass over each gives."""
+    model = tiny(cell, vocab=7, seed=1)
+    prime = [3, 1, 4, 1, 5]
+    found = beam_search(model, prime, length=12, beam=5, num_return=5)
+    assert len(found) == 5 and len({tuple(h.ids) for h in found}) == 5
+    for h in found:
+        assert len(h.ids) == 12
+        assert h.log_prob == pytest.approx(teacher_forced(model, prime, h.ids), abs=1e-5)
+    scores = [h.score for h in found]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_beam_one_is_greedy():
+    model, prime = tiny("gru", vocab=5, seed=2), [0, 1]
+    ids, x = [], list(prime)
+    with torch.inference_mode():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([x]))[0][0, -1].argmax()))
+            x.append(ids[-1])
+    assert beam_search(model, prime, length=8, beam=1)[0].ids == ids
+
+
+def test_deterministic_and_windowed_models_search_too():
+    model = tiny("lstm", vocab=6, seed=4)
+    runs = [beam_search(model, [2, 3], length=10, beam=4, num_return=4) for _ in range(2)]
+    assert runs[0] == runs[1]
+    windowed = beam_search(model, [2, 3], length=6, beam=3, num_return=3, window=2)
+    for h in windowed:  # a windowed model reads only the last 2 tokens from a zero state, each prediction
+        ids = [2, 3, *h.ids]
+        total = 0.0
+        with torch.inference_mode():
+            for i in range(6):
+                context = ids[max(0, 2 + i - 2):2 + i]
+                logp = torch.log_softmax(model(torch.tensor([context]))[0][0, -1].double(), -1)
+                total += float(logp[ids[2 + i]])
+        assert h.log_prob == pytest.approx(total, abs=1e-5)
+
+
+def ngrams(ids, k):
+    return [tuple(ids[i:i + k]) for i in range(len(ids) - k + 1)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_no_repeat_ngram_holds(k):
+    model = tiny("lstm", vocab=5, seed=5)
+    plain = beam_search(model, [1, 2], length=12, beam=3, num_return=3)
+    assert any(len(set(ngrams(h.ids, k))) < len(ngrams(h.ids, k)) for h in plain)  # the constraint has work to do
+    for h in beam_search(model, [1, 2], length=12, beam=3, num_return=3, no_repeat_ngram=k):
+        assert len(set(ngrams(h.ids, k))) == len(ngrams(h.ids, k)), h.ids
+        assert h.log_prob == pytest.approx(teacher_forced(model, [1, 2], h.ids), abs=1e-5)
+
+
+def test_repeated_ngrams_mask():
+    seqs = torch.tensor([[0, 1, 2, 0], [3, 3, 3, 3]])
+    assert repeated_ngrams(seqs, 2, 4).tolist() == [[False, True, False, False], [False, False, False, True]]
+    assert repeated_ngrams(seqs, 1, 4).tolist() == [[True, True, True, False], [False, False, False, True]]
+    assert not repeated_ngrams(seqs, 5, 4).any()
+
+
+def test_a_hypothesis_with_no_allowed_token_ends_and_the_length_penalty_ranks_it():
+    """Vocabulary 3 and no repeated token: every hypothesis ends after 3 tokens, however long the request."""
+    model = tiny("gru", vocab=3, seed=6)
+    found = beam_search(model, [0], length=10, beam=6, num_return=6, no_repeat_ngram=1)
+    assert sorted(tuple(h.ids) for h in found) == sorted(itertools.permutations(range(3)))
+    for h in beam_search(model, [0], length=10, beam=2, num_return=2, no_repeat_ngram=1, length_penalty=1.0):
+        assert h.score == pytest.approx(h.log_prob / len(h.ids))
+
+
+def test_bad_searches_are_refused():
+    model = tiny()
+    for kwargs, match in [({"beam": 0}, "at least 1"), ({"beam": 2, "num_return": 3}, "at most 2"),
+                          ({"beam": 2, "no_repeat_ngram": -1}, "no-repeat"),
+                          ({"beam": 2, "length_penalty": -1.0}, "length penalty")]:
+        with pytest.raises(RnnkitError, match=match):
+            beam_search(model, [0], length=3, **kwargs)
+    with pytest.raises(RnnkitError, match="prime is empty"):
+        beam_search(model, [], length=3, beam=2)
