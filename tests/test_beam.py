@@ -135,3 +135,87 @@ def test_bad_searches_are_refused():
             beam_search(model, [0], length=3, **kwargs)
     with pytest.raises(RnnkitError, match="prime is empty"):
         beam_search(model, [], length=3, beam=2)
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """An untrained char-level LM, a classifier and an echo model, saved as checkpoints (random weights suffice)."""
+    from test_server import _classifier, _lm, _save
+
+    from rnnkit.config import RunConfig
+    from rnnkit.training.echo import echo_tokenizer
+
+    root = tmp_path_factory.mktemp("beam")
+    torch.manual_seed(0)
+    echo = RunConfig(task="echo")
+    echo.model.hidden, echo.model.layers = 4, 1
+    tok = echo_tokenizer(2)
+    _save(root / "echo", LanguageModel(config=echo.model, vocab_size=tok.vocab_size), tok, echo)
+    return {"lm": _lm(root / "lm"), "cls": _classifier(root / "cls"), "echo": root / "echo"}
+
+
+def cli(argv, capsys):
+    from rnnkit.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_beam_json_matches_the_library(checkpoints, capsys):
+    from rnnkit.checkpoint import load_checkpoint
+
+    argv = ["generate", "--checkpoint", checkpoints["lm"], "--prime", "ROMEO", "--length", "12", "--beam", "4",
+            "--num-samples", "3", "--no-repeat-ngram", "2", "--length-penalty", "1", "--json"]
+    code, out, err = cli(argv, capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["beam"], result["no_repeat_ngram"], result["length_penalty"]) == (4, 2, 1.0)
+    ckpt = load_checkpoint(checkpoints["lm"])
+    tok, prime = ckpt.tokenizer, ckpt.tokenizer.encode("ROMEO").tolist()
+    expected = beam_search(ckpt.model, prime, length=12, beam=4, num_return=3, no_repeat_ngram=2, length_penalty=1)
+    assert [h["text"] for h in result["hypotheses"]] == [tok.decode(prime + h.ids) for h in expected]
+    for shown, h in zip(result["hypotheses"], expected, strict=True):
+        assert shown["text"].startswith("ROMEO") and shown["tokens"] == len(h.ids) == 12
+        assert shown["log_prob"] == pytest.approx(teacher_forced(ckpt.model, prime, h.ids), abs=1e-5)
+        assert shown["score"] == pytest.approx(shown["log_prob"] / 12)
+    assert cli(argv, capsys)[1] == out  # deterministic, with no seed
+
+
+def test_cli_beam_text(checkpoints, capsys):
+    base = ["generate", "--checkpoint", checkpoints["lm"], "--prime", "JULIET", "--length", "8", "--beam", "3"]
+    code, out, err = cli([*base, "--continuation-only"], capsys)
+    assert code == 0, err
+    code, several, err = cli([*base, "--num-samples", "2"], capsys)
+    assert code == 0, err
+    headers = [line for line in several.splitlines() if line.startswith("----- beam 3, hypothesis")]
+    assert len(headers) == 2 and "log-prob" in headers[0]
+    first = several.splitlines()[1]
+    assert first == "JULIET" + out.rstrip("\n")  # the best hypothesis, with the prime unless --continuation-only
+
+
+def bad(argv, capsys, match):
+    code, out, err = cli(argv, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rnnkit: error: ") and match in lines[0], err
+    assert out == "" and "Traceback" not in err
+
+
+def test_cli_beam_bad_input(checkpoints, capsys):
+    lm = ["generate", "--checkpoint", checkpoints["lm"], "--length", "5"]
+    bad([*lm, "--beam", "0"], capsys, "--beam must be >= 1")
+    bad([*lm, "--beam", "-3"], capsys, "--beam must be >= 1")
+    bad([*lm, "--beam", "2", "--num-samples", "3"], capsys, "--num-samples 3 asks for more hypotheses than --beam 2")
+    bad([*lm, "--beam", "2", "--temperature", "0.5"], capsys, "drop --temperature")
+    bad([*lm, "--beam", "2", "--top-k", "3"], capsys, "--top-k")
+    bad([*lm, "--beam", "2", "--length-penalty", "-1"], capsys, "--length-penalty")
+    bad([*lm, "--beam", "2", "--no-repeat-ngram", "-1"], capsys, "--no-repeat-ngram")
+    bad([*lm, "--no-repeat-ngram", "2"], capsys, "add --beam N")
+    bad([*lm, "--json"], capsys, "add --beam N")
+    for kind in ("cls", "echo"):
+        bad(["generate", "--checkpoint", checkpoints[kind], "--beam", "2"], capsys, "needs a language model")
+        bad(["generate", "--checkpoint", checkpoints[kind], "--beam", "2", "--json"], capsys, "needs a language model")
