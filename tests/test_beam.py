@@ -219,3 +219,65 @@ def test_cli_beam_bad_input(checkpoints, capsys):
     for kind in ("cls", "echo"):
         bad(["generate", "--checkpoint", checkpoints[kind], "--beam", "2"], capsys, "needs a language model")
         bad(["generate", "--checkpoint", checkpoints[kind], "--beam", "2", "--json"], capsys, "needs a language model")
+
+
+# ------------------------------------------------------------------ the server
+
+
+@pytest.fixture(scope="module")
+def client(checkpoints):
+    pytest.importorskip("fastapi", reason="the server tests need the serve extra: pip install 'rnnkit[serve]'")
+    from fastapi.testclient import TestClient
+
+    from rnnkit.checkpoint import load_checkpoint
+    from rnnkit.config import ServeLimits
+    from rnnkit.server import create_app
+
+    limits = ServeLimits(max_length=60, max_samples=4)
+    return TestClient(create_app({"lm": load_checkpoint(checkpoints["lm"])}, limits=limits))
+
+
+def test_server_beam_matches_the_library(client, checkpoints):
+    from rnnkit.checkpoint import load_checkpoint
+
+    body = {"prime": "ROMEO", "length": 10, "beam": 4, "num_samples": 2, "no_repeat_ngram": 3, "length_penalty": 0.5}
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    got = response.json()
+    ckpt = load_checkpoint(checkpoints["lm"])
+    prime = ckpt.tokenizer.encode("ROMEO").tolist()
+    expected = beam_search(ckpt.model, prime, length=10, beam=4, num_return=2, no_repeat_ngram=3, length_penalty=0.5)
+    assert got["texts"] == [ckpt.tokenizer.decode(h.ids) for h in expected]
+    assert [h["text"] for h in got["hypotheses"]] == got["texts"]
+    assert [h["log_prob"] for h in got["hypotheses"]] == pytest.approx([h.log_prob for h in expected])
+    assert [h["score"] for h in got["hypotheses"]] == pytest.approx([h.log_prob / 10 ** 0.5 for h in expected])
+    assert got["tokens"] == 10 and got["prime"] == "ROMEO"
+    # Deterministic: another seed (not used by the search) gives the same hypotheses.
+    again = client.post("/generate", json={**body, "seed": 12345, "temperature": 2.0}).json()
+    assert again["hypotheses"] == got["hypotheses"]
+    # Sampling answers say no hypotheses.
+    assert client.post("/generate", json={"prime": "ROMEO", "length": 3}).json()["hypotheses"] is None
+
+
+@pytest.mark.parametrize("body, status, match", [
+    ({"beam": 0}, 422, "beam"),
+    ({"beam": 5}, 422, "beam"),  # over the server's max_samples (4)
+    ({"beam": 2, "no_repeat_ngram": -1}, 422, "no_repeat_ngram"),
+    ({"beam": 2, "length_penalty": 11}, 422, "length_penalty"),
+])
+def test_server_beam_bad_requests(client, body, status, match):
+    response = client.post("/generate", json={"prime": "ROMEO", "length": 4, **body})
+    assert response.status_code == status, response.text
+    assert match in response.json()["error"] and "\n" not in response.json()["error"]
+
+
+def test_server_returns_at_most_what_the_beam_holds(client):
+    """Valid by the schema, so not refused (the CLI refuses it: there the user can be told before any work)."""
+    got = client.post("/generate", json={"prime": "ROMEO", "length": 4, "beam": 2, "num_samples": 3}).json()
+    assert len(got["texts"]) == len(got["hypotheses"]) == 2
+
+
+def test_streaming_refuses_a_beam(client):
+    response = client.post("/generate/stream", json={"prime": "ROMEO", "length": 4, "beam": 2})
+    assert response.status_code == 422
+    assert "only POST /generate searches with a beam" in response.json()["error"]
