@@ -143,10 +143,9 @@ def test_bad_searches_are_refused():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """An untrained char-level LM, a classifier and an echo model, saved as checkpoints (random weights suffice)."""
-    from test_server import _classifier, _lm, _save
-
     from rnnkit.config import RunConfig
     from rnnkit.training.echo import echo_tokenizer
+    from test_server import _classifier, _lm, _save
 
     root = tmp_path_factory.mktemp("beam")
     torch.manual_seed(0)

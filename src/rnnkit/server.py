@@ -960,8 +960,8 @@ def create_app(
         """
         ids, used, missing = prime_of(m, body.prime, body.unknown)
         found = beam_search(m.ckpt.model, ids, length=body.length, beam=body.beam, length_penalty=body.length_penalty,
-                            no_repeat_ngram=body.no_repeat_ngram, num_return=min(body.num_samples, body.beam), window=m.window,
-                            stepper=m.stepper, check=limit.check)
+                            no_repeat_ngram=body.no_repeat_ngram, num_return=min(body.num_samples, body.beam),
+                            window=m.window, stepper=m.stepper, check=limit.check)
         texts = [continuation(m.tok, ids, h.ids) for h in found]
         return GenerateResponse(model=m.name, texts=texts, prime=used, seed=seed, tokens=body.length, unknown=missing,
                                 hypotheses=[Hypothesis(text=text, tokens=len(h.ids), log_prob=h.log_prob,
