@@ -80,6 +80,17 @@ def test_beam_one_is_greedy():
     assert beam_search(model, prime, length=8, beam=1)[0].ids == ids
 
 
+def test_ties_go_to_the_lower_row_and_token():
+    """With every parameter 0 each token has probability 1/V: the search keeps the lowest ids."""
+    model = tiny("gru", vocab=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    found = beam_search(model, [1], length=2, beam=3, num_return=3)
+    assert [h.ids for h in found] == [[0, 0], [0, 1], [0, 2]]
+    assert all(h.log_prob == pytest.approx(2 * torch.log(torch.tensor(0.25)).item()) for h in found)
+
+
 def test_deterministic_and_windowed_models_search_too():
     model = tiny("lstm", vocab=6, seed=4)
     runs = [beam_search(model, [2, 3], length=10, beam=4, num_return=4) for _ in range(2)]
@@ -274,6 +285,20 @@ def test_server_returns_at_most_what_the_beam_holds(client):
     """Valid by the schema, so not refused (the CLI refuses it: there the user can be told before any work)."""
     got = client.post("/generate", json={"prime": "ROMEO", "length": 4, "beam": 2, "num_samples": 3}).json()
     assert len(got["texts"]) == len(got["hypotheses"]) == 2
+
+
+def test_a_beam_that_runs_past_its_time_gets_504(checkpoints):
+    from fastapi.testclient import TestClient
+
+    from rnnkit.checkpoint import load_checkpoint
+    from rnnkit.config import ServeLimits
+    from rnnkit.server import create_app
+    from test_server_door import Ticking
+
+    limits = ServeLimits(max_length=60, max_request_seconds=10.5)
+    client = TestClient(create_app(load_checkpoint(checkpoints["lm"]), limits=limits, clock=Ticking()))
+    response = client.post("/generate", json={"prime": "ROMEO", "length": 60, "beam": 2})
+    assert response.status_code == 504 and "--max-request-seconds" in response.json()["error"]
 
 
 def test_streaming_refuses_a_beam(client):
