@@ -7,6 +7,7 @@ The public surface, for use as a library::
 
 __version__ = "0.1.0"
 
+from rnnkit.beam import Hypothesis, beam_search  # noqa: E402
 from rnnkit.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from rnnkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config  # noqa: E402
 from rnnkit.data.lm_data import LMData, prepare_lm_data  # noqa: E402
@@ -29,7 +30,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Checkpoint", "CharTokenizer", "DataConfig", "LMData", "LanguageModel", "ModelConfig", "RnnkitError",
-    "RunConfig", "TrainConfig", "TrainResult", "generate", "generate_ids", "load_checkpoint", "load_config",
+    "Checkpoint", "CharTokenizer", "DataConfig", "Hypothesis", "LMData", "LanguageModel", "ModelConfig",
+    "RnnkitError", "RunConfig", "TrainConfig", "TrainResult", "beam_search", "generate", "generate_ids", "load_checkpoint", "load_config",
     "prepare_lm_data", "sample_next", "train_language_model",
 ]

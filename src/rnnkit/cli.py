@@ -95,15 +95,21 @@ def _warn(message: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from rnnkit.inference import GenerateRequest, generate_text, load_for
+    from rnnkit.inference import GenerateRequest, beam_hypotheses, generate_text, load_for
     from rnnkit.runtime import set_threads
 
     request = GenerateRequest(prime=args.prime, length=args.length, temperatures=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, unknown=args.unknown,
-                              echo_prime=not args.continuation_only)
+                              echo_prime=not args.continuation_only, beam=args.beam,
+                              length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
     request.check()  # before the checkpoint is read
+    if args.json and args.beam is None:
+        raise RnnkitError("--json lists beam hypotheses with their scores; add --beam N (samples print as text)")
     set_threads(args.threads)
     ckpt = load_for(args.checkpoint, device=args.device, capability="generates", what="`rnnkit generate`")
+    if args.json:
+        print(json.dumps(beam_hypotheses(ckpt, request, warn=_warn), ensure_ascii=False))
+        return 0
     for piece in generate_text(ckpt, request, warn=_warn):
         sys.stdout.write(piece)
         sys.stdout.flush()  # stream each token as soon as it exists
@@ -279,15 +285,29 @@ def _compare_sampling_parser(sub) -> None:
 
 def _generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate text from a checkpoint",
-                         description="Prime the model once with --prime, then sample one token per step.")
+                         description="Prime the model once with --prime, then sample one token per step "
+                                     "(or with --beam, search for the likeliest continuations).")
     _checkpoint_arg(gen)
     gen.add_argument("--prime", metavar="TEXT", help="text to start from (default: a newline)")
     gen.add_argument("--length", type=int, default=500, help="tokens to generate (default: 500)")
-    gen.add_argument("--temperature", type=float, nargs="+", default=[0.8], metavar="T",
+    gen.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
                      help="one or more sampling temperatures; 0 is greedy (default: 0.8)")
     gen.add_argument("--top-k", type=int, default=0, help="sample only among the k likeliest tokens (0: off)")
     gen.add_argument("--top-p", type=float, default=1.0, help="sample only from the top-p probability mass (1: off)")
-    gen.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
+    gen.add_argument("--num-samples", type=int, default=1,
+                     help="independent samples, generated as one batch; with --beam, the M <= N best hypotheses")
+    gen.add_argument("--beam", type=int, default=None, metavar="N",
+                     help="beam search instead of sampling: keep the N likeliest texts each step, print the best "
+                          "(deterministic; not with --temperature/--top-k/--top-p)")
+    gen.add_argument("--length-penalty", type=float, default=0.0, metavar="A",
+                     help="with --beam: rank hypotheses by log-prob / length**A (0: off, 1: mean per token); "
+                          "lengths differ only where --no-repeat-ngram ends a hypothesis early")
+    gen.add_argument("--no-repeat-ngram", type=int, default=0, metavar="K",
+                     help="with --beam: never repeat K tokens in a row of the new text (the prime does not count; "
+                          "0: off); a hypothesis with no allowed next token ends there")
+    gen.add_argument("--json", action="store_true",
+                     help="with --beam: print one JSON object, each hypothesis with its text, tokens, total "
+                          "log-probability and score")
     gen.add_argument("--seed", type=int, default=None, help="random seed for a repeatable sample (default: random)")
     gen.add_argument("--unknown", choices=["error", "skip", "unk"], default=None,
                      help="prime pieces the model never saw: error, skip them, or map them to <unk> "

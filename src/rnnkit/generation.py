@@ -159,6 +159,34 @@ class Stream:
                 self._read(nxt.to(self.device).unsqueeze(1))  # (N, 1)
             yield nxt
 
+    @torch.inference_mode()
+    def advance(self, ids: torch.Tensor) -> None:
+        """Read one token per row, each row its own: ids (N,) (a beam's chosen tokens)."""
+        self._read(ids.to(self.device).reshape(self.rows, 1))  # (N, 1)
+
+    @torch.inference_mode()
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep rows (R,) of the stream, in that order, a row as often as it is named (a beam's parents).
+
+        Everything the stream carries is reordered alike, so row i then continues row ``rows[i]``
+        without re-reading any token.
+        """
+        index = rows.to(self.device)
+        if self.state is not None:
+            self.state = tuple(s.index_select(1, index) for s in self.state)  # (L, R, H)
+        if self.logits is not None:
+            self.logits = self.logits.index_select(0, index)  # (R, V)
+        if self.recent is not None:
+            self.recent = self.recent.index_select(0, index)  # (R, <=W)
+        self.rows = len(index)
+
+    @torch.inference_mode()
+    def next_logits(self) -> torch.Tensor:
+        """The (N, V) logits of the token after everything read so far."""
+        if self.tokens == 0:
+            raise RnnkitError("the stream has read nothing yet: feed at least one token to start from")
+        return self._next_logits()
+
     def _next_logits(self) -> torch.Tensor:
         if self.window:
             logits, _ = self.model(self.recent)  # a fresh zero state every step: (N, W, V)

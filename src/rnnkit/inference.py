@@ -132,53 +132,95 @@ def prime_warning(tokenizer: Tokenizer, prime: Prime, unknown: Unknown | None) -
             + " ".join(repr(c) for c in prime.unknown[:8]))
 
 
+DEFAULT_TEMPERATURE = 0.8
+
+
 @dataclass
 class GenerateRequest:
-    """What ``rnnkit generate`` asks of a language-model checkpoint."""
+    """What ``rnnkit generate`` asks of a language-model checkpoint: samples, or with ``beam`` a beam search."""
 
     prime: str | None = None  # None: the model's default prime (saved at training)
     length: int = 500
-    temperatures: Sequence[float] = (0.8,)
+    temperatures: Sequence[float] | None = None  # None: (DEFAULT_TEMPERATURE,); sampling only
     top_k: int = 0
     top_p: float = 1.0
-    num_samples: int = 1
+    num_samples: int = 1  # samples; with beam, how many of the best hypotheses to return (at most beam)
     seed: int | None = None  # None: a random one
     unknown: Unknown | None = None
     echo_prime: bool = True  # the text starts with the prime
+    beam: int | None = None  # None: sample; N: search with N hypotheses (deterministic, see rnnkit.beam)
+    length_penalty: float = 0.0  # beam: rank by log_prob / length ** length_penalty
+    no_repeat_ngram: int = 0  # beam: forbid repeating any K new tokens in a row (0: off)
+
+    @property
+    def sampling_temperatures(self) -> Sequence[float]:
+        return self.temperatures if self.temperatures is not None else (DEFAULT_TEMPERATURE,)
 
     def check(self) -> None:
         """Refuse settings no model could honour."""
         from rnnkit.generation import check_sampling
 
-        for temperature in self.temperatures:
-            check_sampling(temperature=temperature, top_k=self.top_k, top_p=self.top_p)
         if self.length < 0:
             raise RnnkitError(f"--length must be >= 0, got {self.length}")
         if self.num_samples < 1:
             raise RnnkitError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.beam is not None:
+            self._check_beam()
+            return
+        if self.length_penalty or self.no_repeat_ngram:
+            raise RnnkitError("--length-penalty and --no-repeat-ngram rank beam hypotheses; add --beam N "
+                              "(or drop them to sample)")
+        for temperature in self.sampling_temperatures:
+            check_sampling(temperature=temperature, top_k=self.top_k, top_p=self.top_p)
+
+    def _check_beam(self) -> None:
+        if self.temperatures is not None or self.top_k or self.top_p != 1.0:
+            raise RnnkitError("--beam searches for the likeliest text and samples nothing: drop --temperature, "
+                              "--top-k and --top-p (or drop --beam to sample)")
+        if self.beam < 1:
+            raise RnnkitError(f"--beam must be >= 1 hypothesis (leave it out to sample), got {self.beam}")
+        if self.num_samples > self.beam:
+            raise RnnkitError(f"--num-samples {self.num_samples} asks for more hypotheses than --beam {self.beam} "
+                              "keeps; raise --beam or lower --num-samples")
+        if not 0 <= self.length_penalty <= 10:
+            raise RnnkitError(f"--length-penalty must be in [0, 10] (0: off, 1: mean per token), "
+                              f"got {self.length_penalty:g}")
+        if self.no_repeat_ngram < 0:
+            raise RnnkitError(f"--no-repeat-ngram must be >= 0 (0: off), got {self.no_repeat_ngram}")
+
+
+def _prime_ids(ckpt, request: GenerateRequest, warn: Callable[[str], None] | None) -> list[int]:
+    """The request's prime (or the checkpoint's default), encoded; a warning for pieces the vocabulary lacks."""
+    tok = ckpt.tokenizer
+    prime_text = request.prime if request.prime is not None else ckpt.meta.get("state", {}).get("default_prime", "\n")
+    encoded = encode_prime(tok, prime_text, unknown=request.unknown)
+    if warn is not None and (message := prime_warning(tok, encoded, request.unknown)):
+        warn(message)
+    return encoded.ids
 
 
 def generate_text(ckpt, request: GenerateRequest, *, warn: Callable[[str], None] | None = None) -> Iterable[str]:
     """The text of ``request``, piece by piece as it is generated (headers between samples and temperatures).
 
     Everything is checked before the first piece; a single sample per temperature
-    streams token by token, several come whole, each under a header line.
+    streams token by token, several come whole, each under a header line. A beam
+    search's hypotheses come whole when the search ends (see :func:`beam_text`).
     """
     from rnnkit import tasks
     from rnnkit.config import generation_window
     from rnnkit.generation import generate
 
+    if request.beam is not None:
+        yield from beam_text(ckpt, request, warn=warn)
+        return
     request.check()
     tasks.require(ckpt.task, "generates", what="`rnnkit generate`", where=str(ckpt.path))
     tok = ckpt.tokenizer
-    prime_text = request.prime if request.prime is not None else ckpt.meta.get("state", {}).get("default_prime", "\n")
-    encoded = encode_prime(tok, prime_text, unknown=request.unknown)
-    if warn is not None and (message := prime_warning(tok, encoded, request.unknown)):
-        warn(message)
-    prime = encoded.ids
+    prime = _prime_ids(ckpt, request, warn)
     seed = request.seed if request.seed is not None else int(torch.seed() % 2**31)
-    headers = len(request.temperatures) > 1 or request.num_samples > 1
-    for temperature in request.temperatures:
+    temperatures = request.sampling_temperatures
+    headers = len(temperatures) > 1 or request.num_samples > 1
+    for temperature in temperatures:
         steps = generate(ckpt.model, prime, length=request.length, temperature=temperature, top_k=request.top_k,
                          top_p=request.top_p, num_samples=request.num_samples,
                          generator=torch.Generator().manual_seed(seed), window=generation_window(ckpt.run_config))
@@ -195,6 +237,44 @@ def generate_text(ckpt, request: GenerateRequest, *, warn: Callable[[str], None]
         for i, ids in enumerate(columns, 1):
             text = tok.decode(prime + ids) if request.echo_prime else continuation(tok, prime, ids)
             yield f"----- temperature {temperature:g}, sample {i} -----\n{text}\n"
+
+
+def beam_hypotheses(ckpt, request: GenerateRequest, *, warn: Callable[[str], None] | None = None) -> dict:
+    """Run the request's beam search: ``{"prime", "beam", ..., "hypotheses": [{text, tokens, log_prob, score}]}``.
+
+    The hypotheses are the ``num_samples`` best, best first; ``text`` starts
+    with the prime unless ``echo_prime`` is off.
+    """
+    from rnnkit import tasks
+    from rnnkit.beam import beam_search
+    from rnnkit.config import generation_window
+
+    request.check()
+    if request.beam is None:
+        raise RnnkitError("a beam search needs --beam N")
+    tasks.require(ckpt.task, "generates", what="`rnnkit generate --beam`", where=str(ckpt.path))
+    tok = ckpt.tokenizer
+    prime = _prime_ids(ckpt, request, warn)
+    found = beam_search(ckpt.model, prime, length=request.length, beam=request.beam,
+                        length_penalty=request.length_penalty, no_repeat_ngram=request.no_repeat_ngram,
+                        num_return=request.num_samples, window=generation_window(ckpt.run_config))
+    texts = [tok.decode(prime + h.ids) if request.echo_prime else continuation(tok, prime, h.ids) for h in found]
+    return {"prime": tok.decode(prime), "beam": request.beam, "length_penalty": request.length_penalty,
+            "no_repeat_ngram": request.no_repeat_ngram,
+            "hypotheses": [{"text": text, "tokens": len(h.ids), "log_prob": h.log_prob, "score": h.score}
+                           for text, h in zip(texts, found, strict=True)]}
+
+
+def beam_text(ckpt, request: GenerateRequest, *, warn: Callable[[str], None] | None = None) -> Iterable[str]:
+    """The best hypothesis's text, or several under a header line each with its log-probability and score."""
+    result = beam_hypotheses(ckpt, request, warn=warn)
+    hypotheses = result["hypotheses"]
+    if len(hypotheses) == 1:
+        yield hypotheses[0]["text"] + "\n"
+        return
+    for i, h in enumerate(hypotheses, 1):
+        yield (f"----- beam {request.beam}, hypothesis {i}: log-prob {h['log_prob']:.4f}, "
+               f"score {h['score']:.4f} -----\n{h['text']}\n")
 
 
 def read_texts_to_classify(path: str, *, text_column: str = "text") -> list[str]:

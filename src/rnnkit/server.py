@@ -6,7 +6,9 @@ once and shared: every request's model work runs in a bounded pool of worker
 threads, under ``torch.inference_mode``, with its own seeded
 ``torch.Generator``, so a seed gives the same text whatever runs alongside.
 
-Language models get ``/generate`` (whole texts), ``/generate/stream``
+Language models get ``/generate`` (whole texts; with ``beam`` N, a
+deterministic beam search: the ``num_samples`` best hypotheses with their
+log-probabilities), ``/generate/stream``
 (server-sent events, one per new piece of text) and sessions: a session keeps
 the recurrent state after everything it has read, so feeding it more text or
 continuing it costs only the new tokens, however long its history. Sessions
@@ -75,6 +77,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from rnnkit import __version__, tasks
+from rnnkit.beam import beam_search
 from rnnkit.checkpoint import Checkpoint, load_checkpoint
 from rnnkit.config import ServeLimits, generation_window
 from rnnkit.data.tokenizers import Tokenizer
@@ -99,7 +102,9 @@ BODY_OVERHEAD = 512
 JSON_BYTES_PER_CHAR = 12
 # Paths anyone may read: they hold no model output (the page must load before it can ask for a key).
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-RETRY_AFTER = "1"  # seconds, in 429 and 503 answers
+RETRY_AFTER = "1"
+# POST /generate's beam-search fields: another endpoint that gets one says where they belong.
+BEAM_FIELDS = frozenset({"beam", "length_penalty", "no_repeat_ngram"})  # seconds, in 429 and 503 answers
 # The two things a served model can do; which tasks can do which is the registry's to say (rnnkit.tasks).
 LANGUAGE_MODEL, CLASSIFY = "generates", "classifies"
 
@@ -186,7 +191,21 @@ def _request_models(limits: ServeLimits, lm_names: Sequence[str], cls_names: Seq
         unknown: Unknown | None = Field(None, description=UNKNOWN_HELP)
 
     class GenerateRequest(StreamRequest):
-        num_samples: Whole = Field(1, ge=1, le=limits.max_samples, description="independent samples, one batch")
+        num_samples: Whole = Field(1, ge=1, le=limits.max_samples,
+                                   description="independent samples, one batch; with `beam`, how many of the best "
+                                               "hypotheses to return: the beam holds `beam`, so at most that many "
+                                               "come back (fewer too where fewer exist)")
+        beam: Annotated[int, Field(ge=1, le=limits.max_samples), BeforeValidator(_whole)] | None = Field(
+            None, description="search with this many hypotheses instead of sampling: deterministic, so "
+                              "`temperature`, `top_k`, `top_p` and `seed` are not used (null: sample)")
+        length_penalty: float = Field(0.0, ge=0, le=10,
+                                      description="beam: rank hypotheses by log-prob / length ** length_penalty "
+                                                  "(0: off, 1: mean per token); lengths differ only where "
+                                                  "`no_repeat_ngram` ends a hypothesis early")
+        no_repeat_ngram: Whole = Field(0, ge=0, le=limits.max_length,
+                                       description="beam: never repeat this many new tokens in a row (the prime "
+                                                   "does not count; 0: off); a hypothesis with no allowed next "
+                                                   "token ends there")
 
     class ClassifyRequest(_Body):
         model: ClassifierName | None = Field(None, description=cls_help)
@@ -225,13 +244,23 @@ class ModelList(BaseModel):
                                                      "the first of each task is that task's default")
 
 
+class Hypothesis(BaseModel):
+    text: str = Field(description="the new text (without the prime)")
+    tokens: int = Field(description="its new tokens (fewer than `length` where `no_repeat_ngram` ended it)")
+    log_prob: float = Field(description="the sum of the model's log-probabilities of its new tokens, given the prime")
+    score: float = Field(description="what the hypotheses are ranked by: log_prob / tokens ** length_penalty")
+
+
 class GenerateResponse(BaseModel):
     model: str
-    texts: list[str] = Field(description="the new text of each sample (without the prime)")
+    texts: list[str] = Field(description="the new text of each sample (without the prime); beam: of each "
+                                         "hypothesis returned, best first")
     prime: str = Field(description="the text generation started from")
-    seed: int
-    tokens: int = Field(description="tokens generated per sample")
+    seed: int = Field(description="the sampling seed (not used by a beam search)")
+    tokens: int = Field(description="tokens generated per sample (beam: at most this many per hypothesis)")
     unknown: list[str] = Field(description="pieces of the prime the vocabulary lacks (skipped or <unk>)")
+    hypotheses: list[Hypothesis] | None = Field(None, description="beam: each hypothesis with its length, "
+                                                                  "log-probability and score; null when sampling")
 
 
 class ClassifyResult(BaseModel):
@@ -632,6 +661,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
             continue
         where = ".".join(str(x) for x in error["loc"] if x not in ("body", "query", "path"))
         msg = error["msg"]
+        if error.get("type") == "extra_forbidden" and where in BEAM_FIELDS:
+            msg = "only POST /generate searches with a beam (its texts are known only when the search ends)"
         if error.get("type") == "model_attributes_type" and not where:
             msg = "the body must be a JSON object (Content-Type: application/json)"
         parts.append(f"{where}: {msg}" if where else msg)
@@ -815,11 +846,14 @@ def create_app(
             raise ApiError(400, f"{endpoint} needs {what}; this server holds {held}")
         return served[name or by_task[task][0]]
 
+    def prime_of(m: Served, prime_text: str, unknown: str | None) -> tuple[list[int], str, list[str]]:
+        """The prime's ids (the model's default prime where nothing is left), its text, the pieces unknown."""
+        ids, missing = m.encode(prime_text, unknown)
+        return ids or m.default_ids, prime_text if ids else m.info["default_prime"], missing
+
     def open_stream(m: Served, prime_text: str, unknown: str | None, rows: int, limit: Deadline):
         """A stream that has read the prime (or the default one) once, forked into ``rows`` rows."""
-        ids, missing = m.encode(prime_text, unknown)
-        used = prime_text if ids else m.info["default_prime"]
-        ids = ids or m.default_ids
+        ids, used, missing = prime_of(m, prime_text, unknown)
         stream = Stream(m.ckpt.model, window=m.window, stepper=m.stepper)
         for start in range(0, len(ids), READ_CHUNK):  # the chunks the stream reads anyway
             limit.check()
@@ -898,9 +932,11 @@ def create_app(
     @app.post("/generate", response_model=GenerateResponse, tags=["language model"], operation_id="generate",
               responses=_errors(400, 422, 503, 504, keys=keys), **lm_routes)
     async def generate(body: bodies.GenerateRequest) -> GenerateResponse:
-        """Continue the prime ``num_samples`` times; each sample's new text."""
+        """Continue the prime ``num_samples`` times; each sample's new text (with `beam`: the best hypotheses)."""
         m = pick(LANGUAGE_MODEL, body.model, "/generate")
         seed, limit = new_seed(body.seed), deadline()
+        if body.beam is not None:
+            return await run(lambda: search(m, body, seed, limit), limit)
 
         def work() -> GenerateResponse:
             stream, ids, used, missing = open_stream(m, body.prime, body.unknown, body.num_samples, limit)
@@ -915,6 +951,21 @@ def create_app(
                                     prime=used, seed=seed, tokens=body.length, unknown=missing)
 
         return await run(work, limit)
+
+    def search(m: Served, body, seed: int, limit: Deadline) -> GenerateResponse:
+        """POST /generate with a beam: the ``num_samples`` best hypotheses (at most ``beam``), best first.
+
+        More than the beam holds is not refused (the schema cannot say so: any body valid by it is
+        accepted), it gets what the beam holds, as a small vocabulary may also give fewer.
+        """
+        ids, used, missing = prime_of(m, body.prime, body.unknown)
+        found = beam_search(m.ckpt.model, ids, length=body.length, beam=body.beam, length_penalty=body.length_penalty,
+                            no_repeat_ngram=body.no_repeat_ngram, num_return=min(body.num_samples, body.beam),
+                            window=m.window, stepper=m.stepper, check=limit.check)
+        texts = [continuation(m.tok, ids, h.ids) for h in found]
+        return GenerateResponse(model=m.name, texts=texts, prime=used, seed=seed, tokens=body.length, unknown=missing,
+                                hypotheses=[Hypothesis(text=text, tokens=len(h.ids), log_prob=h.log_prob,
+                                                       score=h.score) for text, h in zip(texts, found, strict=True)])
 
     @app.post("/generate/stream", tags=["language model"], response_class=StreamingResponse,
               operation_id="generate_stream",
