@@ -1,7 +1,7 @@
 """The ``rnnkit`` command: a thin shell over the library.
 
 Each subcommand (``train``, ``compare-sampling``, ``generate``, ``eval``,
-``classify``, ``plot``, ``vocab``, ``serve``, ``corpora``) parses its flags,
+``classify``, ``plot``, ``vocab``, ``serve``, ``export``, ``corpora``) parses its flags,
 calls one library function and prints. Results go to stdout; progress,
 warnings and errors go to stderr. A user mistake prints one line
 ``rnnkit: error: ...`` and exits with status 2; Ctrl-C exits with 130.
@@ -192,6 +192,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.serve(checkpoints, host=args.host, port=args.port, limits=limits, workers=args.workers,
                  threads=args.threads, log_level=args.log_level, keys=keys, cors_origins=args.cors_origin or (),
                  shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rnnkit.console import stderr
+    from rnnkit.export import export_checkpoint, summary
+    from rnnkit.inference import load_for
+
+    ckpt = load_for(args.checkpoint, capability="generates", what="`rnnkit export`")
+    report = export_checkpoint(ckpt, args.out, form=args.format, quantize=args.quantize, overwrite=args.overwrite,
+                               log=None if args.quiet else stderr.print)
+    print("\n".join(summary(report)))
     return 0
 
 
@@ -413,6 +425,22 @@ def _serve_parser(sub) -> None:
     srv.set_defaults(func=cmd_serve)
 
 
+def _export_parser(sub) -> None:
+    exp = sub.add_parser("export", help="export a language model to ONNX (step + prefill graphs) or a web page",
+                         description="Write an ONNX step graph and prefill graph, the tokenizer, a README and a "
+                                     "numpy + onnxruntime driver (--format onnx), or a static page that generates "
+                                     "text in the browser with onnxruntime-web (--format web).")
+    _checkpoint_arg(exp)
+    exp.add_argument("--format", choices=["onnx", "web"], default="onnx",
+                     help="onnx: graphs + driver; web: index.html + model.onnx + onnxruntime-web (default: onnx)")
+    exp.add_argument("--out", required=True, metavar="DIR", help="the folder to create (must not exist yet)")
+    exp.add_argument("--quantize", choices=["int8"], default=None,
+                     help="int8: onnxruntime dynamic quantisation of the weights (smaller; slightly different)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    exp.add_argument("--quiet", action="store_true", help="print only the summary")
+    exp.set_defaults(func=cmd_export)
+
+
 def _corpora_parser(sub) -> None:
     corp = sub.add_parser("corpora", help="list or fetch the named corpora")
     corp.add_argument("action", choices=["list", "fetch"], help="list the corpora, or fetch some into the cache")
@@ -430,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for add in (_train_parser, _compare_sampling_parser, _generate_parser, _eval_parser, _classify_parser,
-                _plot_parser, _vocab_parser, _serve_parser, _corpora_parser):
+                _plot_parser, _vocab_parser, _serve_parser, _export_parser, _corpora_parser):
         add(sub)
     return parser
 

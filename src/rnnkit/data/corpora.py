@@ -676,7 +676,7 @@ def _megabytes(size: int) -> str:
 # --- URL -------------------------------------------------------------------
 
 
-def _resolve_url(url: str) -> str:
+def resolve_url(url: str) -> str:
     """Apply ``RNNKIT_MIRROR``: swap the scheme and host, keep path and query."""
     mirror = os.environ.get("RNNKIT_MIRROR")
     if not mirror:
@@ -688,7 +688,7 @@ def _resolve_url(url: str) -> str:
 
 def _fetch_url(corpus: NamedCorpus, target: pathlib.Path, say: Log) -> None:
     assert corpus.url is not None
-    url = _resolve_url(corpus.url)
+    url = resolve_url(corpus.url)
     expected = corpus.sha256
     recorded = _recorded_hash_path(corpus)
     if expected is None and recorded.is_file():

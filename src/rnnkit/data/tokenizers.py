@@ -506,6 +506,17 @@ class WordTokenizer:
         return {"type": self.kind, "words": self.words, "lowercase": self.lowercase, "eos": self.eos,
                 "counts": self.counts}
 
+    def rules(self) -> dict[str, Any]:
+        """How :meth:`split` and :meth:`decode` work, as data, for a driver written in another language.
+
+        ``split_pattern`` is the regular expression (Python syntax) whose matches
+        in each line are the pieces; decoding puts a space between two words
+        except where these sets say not to (see :meth:`decode`).
+        """
+        return {"split_pattern": _WORD_RE.pattern, "eos": self.eos, "unk_id": self.unk_id,
+                "eos_id": self.index.get(self.EOS), "no_space_before": sorted(_NO_SPACE_BEFORE),
+                "no_space_after": sorted(_NO_SPACE_AFTER), "joiners": sorted(_JOINERS)}
+
 
 class BPETokenizer:
     """Byte-level BPE trained on the corpus with the `tokenizers` library: no unknowns.
