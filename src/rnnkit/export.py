@@ -348,6 +348,7 @@ def export_checkpoint(ckpt, out: str | Path, *, form: str = "onnx", quantize: st
         runtime = runtime_files(log=say)  # fetched (or found cached) before anything is written
     try:
         with atomic_folder(out, replace=overwrite) as tmp:
+            tmp.chmod(0o755)  # mkdtemp makes 0700; an export is meant to be served and shared
             float_sizes = _write_bundle(ckpt, tmp, form=form, quantize=quantize, runtime=runtime, say=say,
                                         folder=str(out))
             sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}

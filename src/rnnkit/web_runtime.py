@@ -99,11 +99,13 @@ def _unpack(tgz, target: Path, *, origin: str) -> None:
     """Copy :data:`ORT_WEB_FILES` out of the package's ``package/dist/`` into ``target``."""
     try:
         with tarfile.open(fileobj=tgz, mode="r:gz") as archive:
+            names = set(archive.getnames())
             for name in ORT_WEB_FILES:
-                member = archive.extractfile(f"package/dist/{name}")
+                member = archive.extractfile(f"package/dist/{name}") if f"package/dist/{name}" in names else None
                 if member is None:
-                    raise KeyError(name)
+                    raise RnnkitError(f"the onnxruntime-web package from {origin} has no file dist/{name}; "
+                                      "nothing was cached")
                 (target / name).write_bytes(member.read())
-    except (tarfile.TarError, KeyError, EOFError) as exc:
-        raise RnnkitError(f"the onnxruntime-web package from {origin} lacks dist/{exc} or is not a tarball; "
+    except (tarfile.TarError, EOFError) as exc:
+        raise RnnkitError(f"the onnxruntime-web package from {origin} is not a readable tarball ({exc}); "
                           "nothing was cached") from None

@@ -1,0 +1,162 @@
+"""`rnnkit export --format web`: the onnxruntime-web fetch (against a local server) and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import http.server
+import io
+import os
+import shutil
+import tarfile
+import threading
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from rnnkit import web_runtime  # noqa: E402
+from rnnkit.cli import main  # noqa: E402
+from rnnkit.errors import RnnkitError  # noqa: E402
+
+TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n" * 30
+FAST = ["--hidden", "32", "--layers", "2", "--seq-len", "16", "--batch-size", "4", "--eval-every", "20",
+        "--log-every", "10", "--threads", "1", "--sample-length", "10"]
+
+
+def _package(files: dict[str, bytes]) -> bytes:
+    """An npm-style tarball holding ``files`` under package/dist/."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"package/dist/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _integrity(data: bytes) -> str:
+    return "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+FAKE = {name: f"contents of {name}".encode() for name in web_runtime.ORT_WEB_FILES}
+
+
+def test_fetch_verifies_caches_and_then_stays_offline(cache, server):
+    tgz = _package(FAKE)
+    path = urllib.parse.urlsplit(web_runtime.tarball_url("9.9.9")).path
+    server.files[path] = tgz
+    folder = web_runtime.runtime_files(version="9.9.9", integrity=_integrity(tgz))
+    assert folder == cache / "npm" / "onnxruntime-web-9.9.9"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == FAKE
+    assert web_runtime.runtime_files(version="9.9.9", integrity=_integrity(tgz)) == folder
+    assert server.requests == [path]  # the second call found the cache
+
+
+def test_fetch_refuses_a_wrong_hash_and_caches_nothing(cache, server):
+    tgz = _package(FAKE)
+    server.files[urllib.parse.urlsplit(web_runtime.tarball_url("9.9.9")).path] = tgz
+    with pytest.raises(RnnkitError, match="expected"):
+        web_runtime.runtime_files(version="9.9.9", integrity=_integrity(b"something else"))
+    assert not (cache / "npm" / "onnxruntime-web-9.9.9").exists()
+    assert [p.name for p in (cache / "npm").iterdir()] == []  # no temporary file left behind
+
+
+def test_fetch_refuses_a_package_without_the_files(cache, server):
+    tgz = _package({"ort.wasm.min.js": b"x"})
+    server.files[urllib.parse.urlsplit(web_runtime.tarball_url("9.9.9")).path] = tgz
+    with pytest.raises(RnnkitError, match="ort-wasm-simd-threaded.mjs"):
+        web_runtime.runtime_files(version="9.9.9", integrity=_integrity(tgz))
+    assert [p.name for p in (cache / "npm").iterdir()] == []
+
+
+def test_fetch_says_when_the_registry_is_unreachable(cache, server):
+    with pytest.raises(RnnkitError, match="HTTP 404"):
+        web_runtime.runtime_files(version="9.9.9", integrity=_integrity(b""))
+
+
+def test_web_export_of_a_bpe_model_is_refused_before_anything_is_written(tmp_path, capsys):
+    text = tmp_path / "play.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    assert main(["train", "--text", str(text), "--out", str(tmp_path / "run"), "--max-steps", "2", "--quiet",
+                 "--level", "bpe", "--vocab-size", "300", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "web", "--out",
+                 str(tmp_path / "web")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bpe" in err and "--format onnx" in err
+    assert not (tmp_path / "web").exists()
+
+
+# ---------------------------------------------------------------- the real page in a real browser
+
+
+@pytest.fixture(scope="module")
+def real_runtime(tmp_path_factory):
+    """The pinned onnxruntime-web files: from the user's cache, else fetched from the npm registry, else a skip."""
+    home = os.environ.get("RNNKIT_TEST_ORT_CACHE") or str(Path.home() / ".cache" / "rnnkit")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RNNKIT_CACHE", home)
+    mp.delenv("RNNKIT_MIRROR", raising=False)
+    try:
+        folder = web_runtime.runtime_files()
+    except RnnkitError as exc:
+        pytest.skip(f"onnxruntime-web {web_runtime.ORT_WEB_VERSION} is not cached and the npm registry "
+                    f"cannot be reached: {exc}")
+    finally:
+        mp.undo()
+    copy = tmp_path_factory.mktemp("ort-cache")
+    shutil.copytree(folder.parent, copy / "npm")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from browser import Browser, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no headless browser: install Chromium (Debian: apt-get install chromium) to run this test")
+    with Browser(executable, tmp_path_factory.mktemp("chromium-profile")) as b:
+        yield b
+
+
+def _serve(folder: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return httpd
+
+
+@pytest.mark.slow
+def test_the_exported_page_generates_what_rnnkit_generate_prints(tmp_path, monkeypatch, capsys, real_runtime,
+                                                                 browser):
+    monkeypatch.setenv("RNNKIT_CACHE", str(real_runtime))  # offline from here: the files are cached
+    text = tmp_path / "play.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    assert main(["train", "--text", str(text), "--out", str(tmp_path / "run"), "--max-steps", "60", "--quiet",
+                 *FAST]) == 0
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prime", "JULIET", "--length", "100",
+                 "--temperature", "0"]) == 0
+    expected = capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "web", "--out",
+                 str(tmp_path / "web"), "--quiet"]) == 0
+    assert {"index.html", "model.onnx", "tokenizer.json", "README.md", *web_runtime.ORT_WEB_FILES} <= {
+        p.name for p in (tmp_path / "web").iterdir()}
+    assert "python -m http.server -d" in (tmp_path / "web" / "README.md").read_text(encoding="utf-8")
+    httpd = _serve(tmp_path / "web")
+    try:
+        browser.open(f"http://127.0.0.1:{httpd.server_address[1]}/?prime=JULIET&length=100&temperature=0&run=1")
+        browser.wait_for("document.querySelector('#output[data-done]')", timeout=120)
+        shown = browser.evaluate("document.getElementById('output').textContent")
+        status = browser.evaluate("document.getElementById('status').textContent")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "error" not in status, status
+    assert shown + "\n" == expected
+    assert len(shown) == len("JULIET") + 100
