@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import warnings
 from collections.abc import Callable
@@ -196,29 +197,37 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def quantize_int8(path: Path) -> int:
-    """Replace the graph at ``path`` by its int8 dynamic quantisation (weights int8, activations quantised per
-    call); return the float graph's size in bytes."""
+    """Replace the graph at ``path`` by its int8 dynamic quantisation (int8 weights, activations quantised at
+    each call); return the float graph's size in bytes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     size = path.stat().st_size
     floated = path.with_suffix(".float.onnx")
     path.rename(floated)
-    quantize_dynamic(str(floated), str(path), weight_type=QuantType.QInt8)
+    logging.disable(logging.WARNING)  # its advice to pre-process, given for every model on the root logger
+    try:
+        quantize_dynamic(str(floated), str(path), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     floated.unlink()
     return size
 
 
 def write_graphs(ckpt, folder: Path, *, quantize: str | None, log: Log) -> tuple[dict[str, Any], dict[str, int]]:
-    """step.onnx and prefill.onnx in ``folder``; their state layout and (quantised) float sizes."""
+    """step.onnx and prefill.onnx in ``folder``; their state layout and, when quantised, the float sizes."""
     model = exportable_model(ckpt)
     log("exporting the step graph ...")
     layout = export_step(model, folder / "step.onnx")
-    log("building the prefill graph (a Scan over the step) ...")
-    prefill_from_step(folder / "step.onnx", folder / "prefill.onnx", state_count=layout["count"])
     float_sizes = {}
     if quantize == "int8":
+        # The step is quantised first and the prefill built from it: the quantiser does not reach into a
+        # Scan's body, and this way both graphs compute the same quantised function.
         log("quantising to int8 (onnxruntime dynamic quantisation) ...")
-        float_sizes = {name: quantize_int8(folder / name) for name in ("step.onnx", "prefill.onnx")}
+        float_sizes["step.onnx"] = quantize_int8(folder / "step.onnx")
+    log("building the prefill graph (a Scan over the step) ...")
+    prefill_from_step(folder / "step.onnx", folder / "prefill.onnx", state_count=layout["count"])
+    if quantize == "int8":
+        float_sizes["prefill.onnx"] = float_sizes["step.onnx"]  # the same weights, the same float size
     return layout, float_sizes
 
 
@@ -387,11 +396,15 @@ def _write_bundle(ckpt, tmp: Path, *, form: str, quantize: str | None, runtime: 
     return float_sizes
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
 def summary(report: ExportReport) -> list[str]:
     """The lines ``rnnkit export`` prints at the end: each file's size (and a quantised graph's float size)."""
     lines = [f"exported to {report.out}"]
     for name, size in report.sizes.items():
         before = report.float_sizes.get(name)
-        extra = f"  (float32: {before / 1e6:.2f} MB, {size / before:.0%})" if before else ""
-        lines.append(f"  {name:<30} {size / 1e6:8.2f} MB{extra}")
+        extra = f"  (float32: {_size(before)}, {size / before:.0%})" if before else ""
+        lines.append(f"  {name:<30} {_size(size):>10}{extra}")
     return lines
