@@ -17,6 +17,8 @@ CASES = {
     "generate_throughput.py": {"stateful_chars_per_s", "refeed_chars_per_s", "speedup", "batched64_chars_per_s"},
     "scratch_vs_fused.py": {"ratio"},
     "crash_resume.py": {"kills", "resumes", "steps"},
+    "export_step.py": {"rnnkit_step_chars_per_s", "onnx_step_chars_per_s", "onnx_step_int8_chars_per_s",
+                       "float32_loss", "int8_loss"},
     "ddp_scaling.py": {"one_process_two_threads_tokens_per_s", "two_processes_one_thread_tokens_per_s",
                        "ratio_two_processes_vs_one"},
 }

@@ -38,7 +38,7 @@ def _graphs(model, folder: Path) -> tuple[ort.InferenceSession, ort.InferenceSes
 
 
 def _run(session, ids: torch.Tensor, state, names):
-    logits, *new = session.run(None, {"ids": ids.numpy(), **{n: s.numpy() for n, s in zip(names, state)}})
+    logits, *new = session.run(None, {"ids": ids.numpy(), **{n: s.numpy() for n, s in zip(names, state, strict=True)}})
     return logits, new
 
 
