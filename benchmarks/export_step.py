@@ -72,18 +72,18 @@ def speed(args, folder: Path) -> dict:
     export_step(model, folder / "step.onnx")
     float_size = quantize_int8(folder / "step.onnx")  # step.onnx is now int8
     export_step(model, folder / "step-f32.onnx")
+    f32, i8 = session(folder / "step-f32.onnx", args.threads), session(folder / "step.onnx", args.threads)
     runs = {"rnnkit_step": lambda: rnnkit_chars_per_s(model, args.tokens),
-            "onnx_step": (lambda s: lambda: onnx_chars_per_s(s, 2, 512, args.tokens))(
-                session(folder / "step-f32.onnx", args.threads)),
-            "onnx_step_int8": (lambda s: lambda: onnx_chars_per_s(s, 2, 512, args.tokens))(
-                session(folder / "step.onnx", args.threads))}
-    figures: dict[str, list[float]] = {name: [] for name in runs}
-    for name, run in runs.items():
+            "onnx_step": lambda: onnx_chars_per_s(f32, 2, 512, args.tokens),
+            "onnx_step_int8": lambda: onnx_chars_per_s(i8, 2, 512, args.tokens)}
+    for run in runs.values():
         run()  # warm-up
+    figures: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for r in range(args.repeats):
-        for name in list(runs)[r % 3:] + list(runs)[:r % 3]:
-            figures[name].append(run_once := runs[name]())
-            common.log(f"  {name}: {run_once:,.0f} chars/s")
+        for name in names[r % 3:] + names[:r % 3]:  # rotate the order: the host's speed drifts
+            figures[name].append(runs[name]())
+            common.log(f"  {name}: {figures[name][-1]:,.0f} chars/s")
     out = {f"{name}_chars_per_s": round(common.median(v)) for name, v in figures.items()}
     out["onnx_vs_rnnkit"] = round(out["onnx_step_chars_per_s"] / out["rnnkit_step_chars_per_s"], 2)
     out["speed_model"] = "lstm 2x512, V=65, batch 1"
@@ -143,7 +143,7 @@ def main() -> None:
     common.setup(args.threads, 0)
     with tempfile.TemporaryDirectory() as tmp:
         result = {**speed(args, Path(tmp)), **quality(args, Path(tmp))}
-    common.emit({**result, "environment": common.environment(args.threads)})
+    common.emit({**result, "load_average": common.load_average(), "environment": common.environment(args.threads)})
 
 
 if __name__ == "__main__":

@@ -78,6 +78,15 @@ def test_fetch_says_when_the_registry_is_unreachable(cache, server):
         web_runtime.runtime_files(version="9.9.9", integrity=_integrity(b""))
 
 
+@pytest.mark.network
+@pytest.mark.skipif(os.environ.get("RNNKIT_TEST_NETWORK") != "1", reason="set RNNKIT_TEST_NETWORK=1")
+def test_the_pinned_package_downloads_from_the_npm_registry_and_verifies(cache, monkeypatch):
+    monkeypatch.delenv("RNNKIT_MIRROR", raising=False)
+    folder = web_runtime.runtime_files()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(web_runtime.ORT_WEB_FILES)
+    assert (folder / "ort-wasm-simd-threaded.wasm").read_bytes()[:4] == b"\0asm"
+
+
 def test_web_export_of_a_bpe_model_is_refused_before_anything_is_written(tmp_path, capsys):
     text = tmp_path / "play.txt"
     text.write_text(TEXT, encoding="utf-8")
