@@ -43,6 +43,18 @@ def server(monkeypatch):
     served.close()
 
 
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium page (one for the module), or a skip that says how to get one."""
+    from browser import Browser, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no headless browser: install Chromium (Debian: apt-get install chromium) to run this test")
+    with Browser(executable, tmp_path_factory.mktemp("chromium-profile")) as b:
+        yield b
+
+
 @pytest.fixture
 def shared_corpora() -> Path:
     if not SHARED_CORPORA.is_dir():

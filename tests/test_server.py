@@ -525,18 +525,6 @@ def test_connections_to_the_listening_socket_send_small_writes_at_once():
 # ---------------------------------------------------------------- end to end: real server, real browser
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """A headless Chromium page (one for the module), or a skip that says how to get one."""
-    from browser import Browser, find_chromium
-
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("no headless browser: install Chromium (Debian: apt-get install chromium) to run this test")
-    with Browser(executable, tmp_path_factory.mktemp("chromium-profile")) as b:
-        yield b
-
-
 @pytest.fixture
 def live_server(paths):
     """`rnnkit serve` in a subprocess on a free port of 127.0.0.1; yields (base URL, checkpoint kind) makers."""

@@ -65,6 +65,8 @@ class Tokens:
         return self._decode_words(ids)
 
     def _decode_words(self, ids: list[int]) -> str:
+        # rnnkit's WordTokenizer.decode, rewritten here because this file must not import rnnkit;
+        # tests/test_export.py checks the two print the same text.
         before, after, joiners = (set(self.rules[k]) for k in ("no_space_before", "no_space_after", "joiners"))
         out: list[str] = []
         prev = None
