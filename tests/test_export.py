@@ -23,8 +23,12 @@ from rnnkit.models.classifier import Classifier  # noqa: E402
 from rnnkit.models.language_model import LanguageModel  # noqa: E402
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n" * 30
-FAST = ["--hidden", "32", "--layers", "2", "--seq-len", "16", "--batch-size", "4", "--eval-every", "20",
-        "--log-every", "10", "--threads", "1", "--sample-length", "10"]
+# For the word level: quotes, joiners and a contraction, each with its own rule in decoding.
+WORDS = 'ROMEO: "But soft," said he - what light through yonder well-lit window breaks?\nJULIET: Ay me, can\'t.\n' * 30
+# Enough training (150 steps at lr 0.01) for greedy text that is not one character repeated: a degenerate
+# model would print the same text from a wrong driver too.
+FAST = ["--hidden", "32", "--layers", "2", "--seq-len", "16", "--batch-size", "16", "--eval-every", "150",
+        "--log-every", "50", "--threads", "1", "--sample-length", "10", "--lr", "0.01"]
 V = 13
 
 
@@ -90,10 +94,10 @@ def test_a_parallel_scan_model_exports_as_the_sequential_scan(tmp_path, capsys):
     assert meta["state"]["count"] == 1 and meta["graphs"] == {"step": "step.onnx", "prefill": "prefill.onnx"}
 
 
-def _train(folder: Path, *extra: str) -> Path:
+def _train(folder: Path, *extra: str, words: str = TEXT) -> Path:
     text = folder / "play.txt"
-    text.write_text(TEXT, encoding="utf-8")
-    assert main(["train", "--text", str(text), "--out", str(folder / "run"), "--max-steps", "60", "--quiet",
+    text.write_text(words, encoding="utf-8")
+    assert main(["train", "--text", str(text), "--out", str(folder / "run"), "--max-steps", "150", "--quiet",
                  *FAST, *extra]) == 0
     return folder / "run"
 
@@ -119,8 +123,8 @@ def _driver(folder: Path, *args: str) -> str:
 @pytest.mark.parametrize("kind", ["char", "word", "char-window"])
 def test_the_numpy_driver_prints_what_rnnkit_generate_prints(kind, tmp_path, capsys):
     level = {"char": [], "word": ["--level", "word", "--eos"], "char-window": ["--window", "8"]}[kind]
-    run = _train(tmp_path, *level)
-    prime = "ROMEO: But soft" if kind == "word" else "JULIET"
+    run = _train(tmp_path, *level, words=WORDS if kind == "word" else TEXT)
+    prime = 'ROMEO: "But soft' if kind == "word" else "JULIET"
     assert main(["generate", "--checkpoint", str(run), "--prime", prime, "--length", "200", "--temperature", "0"]) == 0
     expected = capsys.readouterr().out
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "out")]) == 0
@@ -187,5 +191,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "cls", "lm", "taken"]  # no temporary folder left
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "onnxruntime", None)  # as if the `export` extra were not installed
+        _bad(["export", "--checkpoint", lm, "--out", tmp_path / "x"], capsys, "pip install 'rnnkit[export]'")
+    assert not (tmp_path / "x").exists()
     assert main(["export", "--checkpoint", str(lm), "--out", str(taken), "--overwrite", "--quiet"]) == 0
     assert "keep.txt" not in {p.name for p in taken.iterdir()} and (taken / "step.onnx").is_file()
