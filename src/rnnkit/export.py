@@ -106,7 +106,8 @@ def export_step(model: nn.Module, target: Path) -> dict[str, Any]:
     inputs, outputs = state_names(len(state))
     axes = {"ids": {0: "batch"}, "logits": {0: "batch"}, **{n: {1: "batch"} for n in inputs + outputs}}
     with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript exporter's deprecation notice and the fused RNNs' batch_first advice.
+        # The TorchScript exporter's deprecation notice, the fused RNNs' batch-size advice and the tracer's
+        # notes on nn.LSTM's own input checks: the tests run every graph at other batch sizes and lengths.
         warnings.simplefilter("ignore")
         torch.onnx.export(StateAsTensors(model), (ids, *state), str(target), dynamo=False, opset_version=OPSET,
                           input_names=["ids", *inputs], output_names=["logits", *outputs], dynamic_axes=axes)
@@ -249,8 +250,8 @@ def export_meta(ckpt, layout: dict[str, Any], *, graphs: dict[str, str], quantiz
 
 _README = """# rnnkit ONNX export of `{source}`
 
-A {cell} language model ({layers} layer(s) x {hidden} units, {vocab} {kind} tokens{quantized}), exported by
-rnnkit {version} as ONNX (opset {opset}).
+A language model (cell {cell}, {layers} layer(s) x {hidden} units, {vocab} {kind} tokens{quantized}),
+exported by rnnkit {version} as ONNX (opset {opset}).
 
 ## Files
 
@@ -265,7 +266,8 @@ a text), and returns `logits` (float32, batch x length x {vocab}, unnormalised n
 and the state after the last token, {outputs}, same shapes. Batch is dynamic everywhere.
 
 {graphs}
-Generation: read the prime once (prefill from a zero state), take the last row of logits, pick a token
+
+Generation: read the prime once (the prefill graph, or one step per token, from a zero state), take the last row of logits, pick a token
 (temperature 0: argmax; else sample softmax(logits / temperature)), feed it to the step graph with the
 state it returned, repeat. {window}
 
