@@ -135,21 +135,22 @@ def _serve(folder: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["char", "word", "char-window"])
+@pytest.mark.parametrize("kind", ["char", "word", "char-window", "char-int8"])
 def test_the_exported_page_generates_what_rnnkit_generate_prints(kind, tmp_path, monkeypatch, capsys, real_runtime,
                                                                  browser):
     monkeypatch.setenv("RNNKIT_CACHE", str(real_runtime))  # offline from here: the files are cached
     text = tmp_path / "play.txt"
     text.write_text(WORDS if kind == "word" else TEXT, encoding="utf-8")
-    level = {"char": [], "word": ["--level", "word", "--eos"], "char-window": ["--window", "8"]}[kind]
+    level = {"word": ["--level", "word", "--eos"], "char-window": ["--window", "8"]}.get(kind, [])
     assert main(["train", "--text", str(text), "--out", str(tmp_path / "run"), "--max-steps", "150", "--quiet",
                  *FAST, *level]) == 0
     prime = 'ROMEO: "But soft' if kind == "word" else "JULIET"
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prime", prime, "--length", "100",
                  "--temperature", "0"]) == 0
     expected = capsys.readouterr().out
+    quantize = ["--quantize", "int8"] if kind == "char-int8" else []
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "web", "--out",
-                 str(tmp_path / "web"), "--quiet"]) == 0
+                 str(tmp_path / "web"), "--quiet", *quantize]) == 0
     assert {"index.html", "model.onnx", "tokenizer.json", "README.md", *web_runtime.ORT_WEB_FILES} <= {
         p.name for p in (tmp_path / "web").iterdir()}
     assert "python -m http.server -d" in (tmp_path / "web" / "README.md").read_text(encoding="utf-8")
@@ -164,6 +165,7 @@ def test_the_exported_page_generates_what_rnnkit_generate_prints(kind, tmp_path,
         httpd.shutdown()
         httpd.server_close()
     assert status.startswith("100 tokens in"), status
-    assert shown + "\n" == expected
     if kind != "word":
-        assert len(shown) == len(prime) + 100
+        assert len(shown) == len(prime) + 100 and shown.startswith(prime)
+    if kind != "char-int8":  # int8 weights compute a nearby function, not the same one
+        assert shown + "\n" == expected
