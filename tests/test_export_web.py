@@ -109,21 +109,28 @@ def test_web_export_of_a_bpe_model_is_refused_before_anything_is_written(tmp_pat
 
 @pytest.fixture(scope="module")
 def real_runtime(tmp_path_factory):
-    """The pinned onnxruntime-web files: from the user's cache, else fetched from the npm registry, else a skip."""
-    home = os.environ.get("RNNKIT_TEST_ORT_CACHE") or str(Path.home() / ".cache" / "rnnkit")
+    """A cache folder holding the pinned onnxruntime-web files, or a skip.
+
+    The files are copied from the user's cache when it has them (read, never written: tests keep off
+    ~/.cache), else fetched from the npm registry into this test cache.
+    """
+    cache = tmp_path_factory.mktemp("ort-cache")
+    users = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rnnkit" / "npm"
+    cached = users / f"onnxruntime-web-{web_runtime.ORT_WEB_VERSION}"
+    if all((cached / name).is_file() for name in web_runtime.ORT_WEB_FILES):
+        shutil.copytree(cached, cache / "npm" / cached.name)
+        return cache
     mp = pytest.MonkeyPatch()
-    mp.setenv("RNNKIT_CACHE", home)
+    mp.setenv("RNNKIT_CACHE", str(cache))
     mp.delenv("RNNKIT_MIRROR", raising=False)
     try:
-        folder = web_runtime.runtime_files()
+        web_runtime.runtime_files()
     except RnnkitError as exc:
         pytest.skip(f"onnxruntime-web {web_runtime.ORT_WEB_VERSION} is not cached and the npm registry "
                     f"cannot be reached: {exc}")
     finally:
         mp.undo()
-    copy = tmp_path_factory.mktemp("ort-cache")
-    shutil.copytree(folder.parent, copy / "npm")
-    return copy
+    return cache
 
 
 def _serve(folder: Path):
