@@ -71,6 +71,19 @@ def test_step_and_prefill_equal_pytorch_on_random_inputs_and_states(cell, layers
             assert _max_diff(_run(step, ids, state, names), expected) <= 1e-5
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "mingru", "minlstm"])
+def test_residual_blocks_export_through_the_same_forward(cell, tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(cell=cell, hidden=12, layers=2, block="residual", mlp_ratio=2.0, scan="sequential")
+    model = LanguageModel(config=config, vocab_size=V).eval()
+    _, prefill, names = _graphs(model, tmp_path)
+    ids = torch.randint(0, V, (3, 6))
+    state = tuple(torch.randn(2, 3, 12) for _ in names)
+    with torch.no_grad():
+        expected = model(ids, state)
+    assert _max_diff(_run(prefill, ids, state, names), expected) <= 1e-5
+
+
 def _save(path: Path, model, tokenizer, config: RunConfig) -> Path:
     return write_checkpoint(path, model=model, tokenizer=tokenizer, task=config.task, run_config=config,
                             state={"step": 1, "default_prime": "ROMEO"})
