@@ -18,7 +18,7 @@ from rnnkit.checkpoint import write_checkpoint  # noqa: E402
 from rnnkit.cli import main  # noqa: E402
 from rnnkit.config import ModelConfig, RunConfig  # noqa: E402
 from rnnkit.data.tokenizers import CharTokenizer  # noqa: E402
-from rnnkit.export import export_step, prefill_from_step, state_names  # noqa: E402
+from rnnkit.export import export_checkpoint, export_step, prefill_from_step, state_names  # noqa: E402
 from rnnkit.models.classifier import Classifier  # noqa: E402
 from rnnkit.models.language_model import LanguageModel  # noqa: E402
 
@@ -90,6 +90,9 @@ def _save(path: Path, model, tokenizer, config: RunConfig) -> Path:
 
 
 def test_a_parallel_scan_model_exports_as_the_sequential_scan(tmp_path, capsys):
+    import rnnkit
+
+    assert rnnkit.export_checkpoint is export_checkpoint  # the library's name for what the CLI runs
     torch.manual_seed(0)
     config = RunConfig()
     config.model.cell, config.model.hidden, config.model.layers, config.model.scan = "mingru", 16, 2, "parallel"

@@ -26,11 +26,15 @@ def __getattr__(name: str):
         from rnnkit.training import lm
 
         return getattr(lm, name)
+    if name == "export_checkpoint":  # ONNX export: torch.onnx and the `export` extra only when asked for
+        from rnnkit.export import export_checkpoint
+
+        return export_checkpoint
     raise AttributeError(f"module 'rnnkit' has no attribute {name!r}")
 
 
 __all__ = [
     "Checkpoint", "CharTokenizer", "DataConfig", "Hypothesis", "LMData", "LanguageModel", "ModelConfig",
-    "RnnkitError", "RunConfig", "TrainConfig", "TrainResult", "beam_search", "generate", "generate_ids", "load_checkpoint", "load_config",
+    "RnnkitError", "RunConfig", "TrainConfig", "TrainResult", "beam_search", "export_checkpoint", "generate", "generate_ids", "load_checkpoint", "load_config",
     "prepare_lm_data", "sample_next", "train_language_model",
 ]
