@@ -60,3 +60,14 @@ def test_cuda_precisions_train_and_resume_with_the_scaler(tmp_path, text, precis
 
         trainer = json.loads((ckpt.path / "trainer.json").read_text())
         assert trainer["scaler"] is not None and trainer["scaler"]["scale"] > 0
+
+
+def test_the_start_line_names_the_autocast_and_warns_when_the_cpu_emulates_bf16(monkeypatch):
+    from rnnkit.training import engine
+
+    cpu = torch.device("cpu")
+    assert engine.describe_device(cpu, "auto") == "cpu" and engine.describe_device(cpu, "fp32") == "cpu"
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert engine.describe_device(cpu, "bf16") == "cpu, bf16 autocast"
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert "emulated" in engine.describe_device(cpu, "bf16") and "slower than fp32" in engine.describe_device(cpu, "bf16")

@@ -141,7 +141,7 @@ class ClassifierTask:
         # Throughput since the last progress line: tokens (padding excluded) and examples per second.
         self.rate_since, self.rate_tokens, self.rate_examples = time.perf_counter(), session.progress.tokens, 0
         data = self.data
-        return StartEvent(device=str(self.device), parameters=self.model.num_parameters(),
+        return StartEvent(device=engine.describe_device(self.device, self.config.train.precision), parameters=self.model.num_parameters(),
                           vocab_size=data.tokenizer.vocab_size, train_size=len(data.train.labels),
                           val_size=len(data.val.labels), unit="examples", steps_per_epoch=self.steps_per_epoch,
                           max_steps=self.max_steps, max_time=self.config.train.max_time, source=data.source,

@@ -64,7 +64,7 @@ class EchoTask(WindowTask):
         self.losses = ([r["step"] for r in metrics.history if "loss" in r],
                        [r["loss"] for r in metrics.history if "loss" in r])
         self.running = Running(self.device)
-        return StartEvent(device=str(self.device), parameters=self.model.num_parameters(), vocab_size=d.symbols,
+        return StartEvent(device=engine.describe_device(self.device, self.config.train.precision), parameters=self.model.num_parameters(), vocab_size=d.symbols,
                           train_size=d.series_length, val_size=d.series_length, unit="steps per series",
                           steps_per_epoch=self.steps_per_epoch, max_steps=self.max_steps,
                           max_time=self.config.train.max_time, from_cache=False,

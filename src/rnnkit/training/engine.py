@@ -173,6 +173,22 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16): else bf16 is emulated, slower."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def describe_device(device: torch.device, precision: str) -> str:
+    """The device in words for the start line, with the autocast dtype when it is not plain fp32."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        return str(device)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        return f"{device}, {name} autocast (emulated: this CPU has no AMX or AVX512-BF16, expect it slower than fp32)"
+    return f"{device}, {name} autocast"
+
+
 SIMPLE_PLAN = Plan(precision="fp32", accum=1, device=torch.device("cpu"), group=SINGLE)
 
 

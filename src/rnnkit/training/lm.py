@@ -244,7 +244,7 @@ class LanguageModelTask(WindowTask):
             save_lm_cache(self.data, out_dir / "data")
         self.running = Running(self.device)
         data = self.data
-        return StartEvent(device=str(self.device), parameters=self.model.num_parameters(),
+        return StartEvent(device=engine.describe_device(self.device, self.config.train.precision), parameters=self.model.num_parameters(),
                           vocab_size=data.tokenizer.vocab_size, train_size=len(data.train), val_size=len(data.val),
                           unit="tokens", steps_per_epoch=self.steps_per_epoch, max_steps=self.max_steps,
                           max_time=self.config.train.max_time, source=data.source, from_cache=data.from_cache,
