@@ -223,10 +223,10 @@ def small_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--layer", "2"], "--layer must be in 0..1 (this model has 2 layer(s)), got 2"),
-    (["--layer", "-1"], "--layer must be in 0..1"),
-    (["--top", "0"], "--top must be in 1..12 (the layer's units), got 0"),
-    (["--top", "13"], "--top must be in 1..12"),
+    (["--layer", "2"], "layer 2 is out of range: this model has 2 layer(s), 0..1"),
+    (["--layer", "-1"], "layer -1 is out of range"),
+    (["--top", "0"], "top 0 is out of range: a layer has 12 units, so 1..12"),
+    (["--top", "13"], "top 13 is out of range"),
     (["--gates"], "a vanilla RNN has no gates; drop --gates"),
 ])
 def test_bad_flags_are_one_line_errors_and_write_nothing(small_runs, capsys, tmp_path, extra, message):

@@ -359,8 +359,12 @@ def _tint(cmap):
 
 
 def plot_coloured_text(path: str | Path, panels: Sequence[tuple[str, str, np.ndarray]], *, width: int = 100,
-                       title: str = "", cmap: str = "RdBu_r", colour_label: str = "activation") -> Path:
-    """One panel per (label, text, value per character): the text, each character on its value's colour."""
+                       title: str = "", cmap: str = "RdBu_r", colour_label: str = "activation",
+                       limits: tuple[float, float] | None = None) -> Path:
+    """One panel per (label, text, value per character): the text, each character on its value's colour.
+
+    Each panel has its own colour scale (:func:`_diverging`), or all share ``limits``.
+    """
     path = check_png(path)
     plt = pyplot()
     grids = [_text_grid(text, values, width=width) for _, text, values in panels]
@@ -370,7 +374,7 @@ def plot_coloured_text(path: str | Path, panels: Sequence[tuple[str, str, np.nda
                              layout="constrained")
     colours = plt.get_cmap(cmap)
     for ax, (label, _, values), (grid, glyphs) in zip(axes[:, 0], panels, grids, strict=True):
-        low, high = _diverging(values)
+        low, high = limits or _diverging(values)
         # The colour map's ends are too dark to read black text on: keep 70% of the colour, 30% white.
         tinted = colours(np.clip((grid - low) / (high - low), 0, 1))
         tinted[..., :3] = 0.3 + 0.7 * tinted[..., :3]

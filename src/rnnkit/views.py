@@ -217,6 +217,24 @@ class Inspection:
                     seen.add((u.signal, u.unit))
         return picked
 
+    def unit(self, signal: str, unit: int) -> Unit:
+        """A unit chosen by hand, with the feature it tracks best (its largest |r|)."""
+        if signal not in self.trace.signals:
+            raise RnnkitError(f"signal {signal!r} is not one of this inspection's: {', '.join(self.trace.signals)}")
+        hidden = self.trace.signals[signal].shape[2]
+        if not 0 <= unit < hidden:
+            raise RnnkitError(f"unit {unit} is out of range: a layer has {hidden} units, 0..{hidden - 1}")
+        values = self.trace.signals[signal][:, self.layer, unit : unit + 1]  # (T, 1)
+        varying = [f for f in self.features if f not in self.constant] or list(self.features)
+        rs = {f: float(pearson(values, self.features[f])[0]) for f in varying}
+        best = max(rs, key=lambda f: abs(rs[f]))
+        return Unit(best, signal, unit, rs[best])
+
+    def view(self, unit: Unit) -> dict:
+        """A unit with its activation after each token, as the server sends it."""
+        return {"feature": unit.feature, "signal": unit.signal, "unit": unit.unit, "r": round(unit.r, 4),
+                "values": [round(float(v), 4) for v in self.activations(unit)]}
+
     def to_dict(self) -> dict:
         return {"layer": self.layer, "tokens": len(self.trace.ids), "signals": list(self.trace.signals),
                 "constant_features": self.constant,
@@ -229,9 +247,9 @@ def check_layer_top(model, layer: int | None, top: int) -> int:
     layers, hidden = model.recurrent.layers, model.recurrent.hidden
     chosen = layers - 1 if layer is None else layer
     if not 0 <= chosen < layers:
-        raise RnnkitError(f"--layer must be in 0..{layers - 1} (this model has {layers} layer(s)), got {layer}")
+        raise RnnkitError(f"layer {layer} is out of range: this model has {layers} layer(s), 0..{layers - 1}")
     if not 1 <= top <= hidden:
-        raise RnnkitError(f"--top must be in 1..{hidden} (the layer's units), got {top}")
+        raise RnnkitError(f"top {top} is out of range: a layer has {hidden} units, so 1..{hidden}")
     return chosen
 
 
@@ -418,10 +436,11 @@ def inspect_words(ckpt, request: InspectRequest) -> InspectReport:
 
         panels = [(f"{a.label} {a.probability:.3f} (from {a.before:.3f} with nothing read)", a.text,
                    per_char(_spans(a.tokens), a.change, len(a.text))) for a in found]
-        files = [plot_coloured_text(request.out / "words.png", panels, cmap="RdBu",
-                                    colour_label="change in p", width=min(100, max(len(a.text) for a in found)),
-                                    title="How each token moved the predicted class's probability "
-                                          "(blue: towards it, red: away)")]
+        m = max(max(float(np.abs(a.change).max()) for a in found), 1e-6)  # one scale: rows compare, 0 is white
+        files = [plot_coloured_text(request.out / "words.png", panels, cmap="RdBu", limits=(-m, m),
+                                    colour_label="change in p", width=min(100, max(60, *(len(a.text) for a in found))),
+                                    title="How each token moved the predicted class's probability\n"
+                                          "(blue: towards it, red: away from it)")]
     data = {"texts": [a.to_dict() for a in found], "files": [str(f) for f in files]}
     return InspectReport(data=data, lines=lines, files=files)
 
