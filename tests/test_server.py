@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -299,6 +300,47 @@ def test_classify_limits_and_texts_without_tokens(cls_client):
     unk = post(cls_client, "/classify", {"texts": ["a zebra film"]})["results"][0]
     skip = post(cls_client, "/classify", {"texts": ["a zebra film"], "unknown": "skip"})["results"][0]
     assert (unk["tokens"], unk["unknown"], skip["tokens"], skip["unknown"]) == (3, ["zebra"], 2, ["zebra"])
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def test_inspect_ranks_units_as_the_library_does(client, lm):
+    from rnnkit.views import inspect_language_model
+
+    text = "ROMEO: But soft, what light\nJULIET: Ay me.\n"
+    answer = post(client, "/inspect", {"text": text, "top": 3, "layer": 0, "unit": 7, "signal": "c"})
+    ins = inspect_language_model(lm.model, lm.tokenizer, text, layer=0, top=3)
+    assert answer["layer"] == 0 and answer["signals"] == ["h", "c"] and "".join(answer["tokens"]) == text
+    assert answer["constant_features"] == ins.constant == ["in_quotes", "in_brackets", "digit"]
+    assert list(answer["ranking"]) == list(ins.ranking)
+    for feature, units in ins.ranking.items():
+        sent = answer["ranking"][feature]
+        assert [(u["signal"], u["unit"], u["feature"]) for u in sent] == [(u.signal, u.unit, feature) for u in units]
+        assert [u["r"] for u in sent] == pytest.approx([u.r for u in units], abs=1e-4)
+        assert sent[0]["values"] == pytest.approx(ins.activations(units[0]).tolist(), abs=1e-4)
+    chosen = answer["unit"]
+    assert (chosen["signal"], chosen["unit"]) == ("c", 7) and len(chosen["values"]) == len(answer["tokens"])
+    assert chosen["values"] == pytest.approx(ins.trace.signals["c"][:, 0, 7].tolist(), abs=1e-4)
+
+
+def test_inspect_answers_every_valid_request(client):
+    # Too little text to correlate anything: an answer with nothing ranked, not an error.
+    short = post(client, "/inspect", {"text": "R", "unit": 1})
+    assert (short["tokens"], short["ranking"], short["unit"], short["layer"]) == (["R"], {}, None, 1)
+    # More units than the layer has: all of them; a unit or signal it lacks: null; gates asked for a gate unit.
+    wide = post(client, "/inspect", {"text": "ROMEO: But", "top": 200, "unit": 999})
+    assert all(len(units) == 32 for units in wide["ranking"].values()) and wide["unit"] is None
+    gate = post(client, "/inspect", {"text": "ROMEO: But", "signal": "f", "unit": 2})
+    assert gate["signals"] == ["h", "c", "i", "f", "g", "o"] and gate["unit"]["signal"] == "f"
+    assert post(client, "/inspect", {"text": "ROMEO: But", "signal": "z", "unit": 2})["unit"] is None  # a GRU's
+    response = client.post("/inspect", json={"text": "ROMEO", "layer": 2})
+    assert response.status_code == 422 and "layer" in response.json()["error"]
+
+
+def test_inspect_is_for_language_models(cls_client):
+    response = cls_client.post("/inspect", json={"text": "a good film"})
+    assert response.status_code == 400 and "needs a language model" in response.json()["error"]
 
 
 # ---------------------------------------------------------------- sessions
@@ -623,3 +665,29 @@ def test_the_page_asks_for_the_key_once_and_lets_you_pick_a_model(live_server, b
     browser.open(base + "?model=lm")
     browser.wait_for("document.getElementById('summary').textContent.includes('language model')")
     assert browser.evaluate("document.getElementById('key-card').hidden") is True
+
+
+@pytest.mark.slow
+def test_the_page_colours_the_text_by_a_unit_in_a_real_browser(live_server, browser):
+    base = live_server("lm")
+    text = "ROMEO: But soft, what light\nJULIET: Ay me.\n"
+    browser.open(base + "?" + urllib.parse.urlencode({"inspect": text, "feature": "line_position", "run": "1"}))
+    browser.wait_for("document.querySelector('#inspect-view[data-done]')")
+    expected = _post_json(base + "inspect", {"text": text, "top": 3, "gates": False})["ranking"]["line_position"][0]
+    spans = browser.evaluate("[...document.querySelectorAll('#inspect-view span')].map(s => [s.textContent, "
+                             "Number(s.dataset.value), s.style.background])")
+    assert "".join(t for t, _, _ in spans) == text
+    assert [v for _, v, _ in spans] == pytest.approx(expected["values"], abs=1e-9)
+    assert len({c for _, _, c in spans}) > 5  # coloured by the values, not one colour
+    assert browser.evaluate("document.getElementById('inspect-choice').value") == "line_position"
+    assert expected["signal"] + "[" + str(expected["unit"]) + "]" in browser.evaluate(
+        "document.getElementById('inspect-unit-label').textContent")
+    # A unit by number: the page asks for it and draws it.
+    browser.evaluate("const s = document.getElementById('inspect-choice'); s.value = 'unit';"
+                     "document.getElementById('inspect-signal').value = 'c';"
+                     "document.getElementById('inspect-unit').value = '4'; delete document.getElementById("
+                     "'inspect-view').dataset.done; s.dispatchEvent(new Event('change'))")
+    browser.wait_for("document.querySelector('#inspect-view[data-done]')")
+    chosen = _post_json(base + "inspect", {"text": text, "top": 3, "signal": "c", "unit": 4})["unit"]
+    values = browser.evaluate("[...document.querySelectorAll('#inspect-view span')].map(s => Number(s.dataset.value))")
+    assert values == pytest.approx(chosen["values"], abs=1e-9)
