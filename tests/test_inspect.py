@@ -20,7 +20,6 @@ from rnnkit.models.language_model import LanguageModel
 from rnnkit.views import (
     attribute,
     char_features,
-    gate_values,
     inspect_language_model,
     pearson,
     token_features,

@@ -130,7 +130,7 @@ def test_health_model_and_openapi(client):
     assert info["training"] == {"step": 7, "best_val_loss": 1.5} and info["default_prime"] == "ROMEO"
     assert info["model"]["hidden"] == 32 and info["window"] == 0
     schema = client.get("/openapi.json").json()
-    assert {"/health", "/models", "/model", "/generate", "/generate/stream", "/sessions", "/sessions/{sid}",
+    assert {"/health", "/models", "/model", "/generate", "/generate/stream", "/inspect", "/sessions", "/sessions/{sid}",
             "/sessions/{sid}/feed", "/sessions/{sid}/generate"} == set(schema["paths"])  # no /classify: no classifier
     # The server's limits are part of the schema.
     properties = schema["components"]["schemas"]["GenerateRequest"]["properties"]

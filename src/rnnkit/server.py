@@ -82,9 +82,9 @@ from rnnkit.checkpoint import Checkpoint, load_checkpoint
 from rnnkit.config import ServeLimits, generation_window
 from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
-from rnnkit.views import FEATURES, GATE_NAMES, check_layer_top, inspect_language_model
 from rnnkit.generation import READ_CHUNK, Stream
 from rnnkit.inference import StreamText, classify_texts, continuation
+from rnnkit.views import FEATURES, GATE_NAMES, check_layer_top, inspect_language_model
 
 # Seeds every JSON client keeps exact (JavaScript's Number.MAX_SAFE_INTEGER): a seed the page
 # or any client echoes back must still name the same sample.
