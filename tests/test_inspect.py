@@ -224,7 +224,8 @@ def small_runs(tmp_path_factory):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--layer", "2"], "layer 2 is out of range: this model has 2 layer(s), 0..1"),
     (["--layer", "-1"], "layer -1 is out of range"),
-    (["--top", "0"], "top 0 is out of range: a layer has 12 units, so 1..12"),
+    (["--top", "0"], "top 0 is out of range: show at least 1"),
+    (["--top", "14"], "top 14 is out of range: a layer has 12 units, so 1..12"),
     (["--top", "13"], "top 13 is out of range"),
     (["--gates"], "a vanilla RNN has no gates; drop --gates"),
 ])
@@ -233,6 +234,17 @@ def test_bad_flags_are_one_line_errors_and_write_nothing(small_runs, capsys, tmp
                           "--out", tmp_path / "views", *extra], capsys)
     assert code == 2 and out == ""
     assert err.startswith("rnnkit: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "views").exists()
+
+
+def test_flags_a_classifier_cannot_use(classifier, small_runs, capsys, tmp_path):
+    for extra, message in ((["--layer", "0"], "layers and gates are for language models"),
+                           (["--gates"], "layers and gates are for language models"),
+                           (["--top", "0"], "top 0 is out of range: show at least 1"),
+                           (["--max-tokens", "-1"], "max tokens must be >= 0")):
+        code, out, err = run(["inspect", "--checkpoint", classifier, "--text", small_runs["text"],
+                              "--out", tmp_path / "views", *extra], capsys)
+        assert code == 2 and out == "" and message in err and err.count("\n") == 1
     assert not (tmp_path / "views").exists()
 
 

@@ -352,6 +352,13 @@ class InspectRequest:
     out: Path | None = None  # folder for the PNGs; None: none drawn
     unknown: str | None = None
 
+    def check(self) -> None:
+        """Refuse settings no checkpoint could honour (the rest depends on the model)."""
+        if self.top < 1:
+            raise RnnkitError(f"top {self.top} is out of range: show at least 1")
+        if self.max_tokens < 0:
+            raise RnnkitError(f"max tokens must be >= 0 (0: all), got {self.max_tokens}")
+
 
 @dataclass
 class InspectReport:
@@ -364,6 +371,7 @@ def inspect_checkpoint(ckpt, request: InspectRequest) -> InspectReport:
     """Inspect a checkpoint as its task says (a language model's units, a classifier's words)."""
     from rnnkit import tasks
 
+    request.check()
     spec = tasks.require(ckpt.task, "inspects", what="`rnnkit inspect`", where=str(ckpt.path))
     if request.out is not None:
         from rnnkit.plots import pyplot
@@ -416,6 +424,9 @@ def unit_figures(ins: Inspection, out: Path, *, top: int, chars: int = 700, step
 
 def inspect_words(ckpt, request: InspectRequest) -> InspectReport:
     """A classifier: per text (one a line), how each token moved the predicted class; ``words.png``."""
+    if request.layer is not None or request.gates:
+        raise RnnkitError("a classifier's inspection shows which tokens moved it; layers and gates are for "
+                          "language models")
     texts = [line for line in request.text.split("\n") if line.strip()]
     if not texts:
         raise RnnkitError("the text to inspect is empty; give one text to classify per line")
