@@ -296,6 +296,18 @@ def test_attribution_follows_the_prefixes_to_the_classifiers_answer(classifier):
                                                           max_len=80)[0][0, k], abs=1e-6)
 
 
+def test_attribution_cuts_long_texts_as_the_classifier_does(classifier):
+    ckpt = load_checkpoint(classifier)
+    labels = ckpt.meta["labels"]
+    text = "a good film , dull plot"
+    kept_end = attribute(ckpt.model, ckpt.tokenizer, labels, text, max_len=3)
+    kept_start = attribute(ckpt.model, ckpt.tokenizer, labels, text, max_len=3, truncate="post")
+    assert [t.strip() for t in kept_end.tokens] == [",", "dull", "plot"]
+    assert [t.strip() for t in kept_start.tokens] == ["a", "good", "film"]
+    probs, _ = classify_texts(ckpt.model, ckpt.tokenizer, labels, [text], max_len=3, truncate="pre")
+    assert kept_end.probability == pytest.approx(probs[0].max(), abs=1e-6)
+
+
 def test_cli_on_a_classifier_draws_the_words(classifier, capsys, tmp_path):
     (tmp_path / "texts.txt").write_text("a good film\n\ndull plot , bad ending\n", encoding="utf-8")
     code, out, err = run(["inspect", "--checkpoint", classifier, "--text", tmp_path / "texts.txt",

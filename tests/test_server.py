@@ -338,9 +338,28 @@ def test_inspect_answers_every_valid_request(client):
     assert response.status_code == 422 and "layer" in response.json()["error"]
 
 
-def test_inspect_is_for_language_models(cls_client):
+def test_inspect_is_for_language_models_and_words_for_classifiers(client, cls_client):
     response = cls_client.post("/inspect", json={"text": "a good film"})
     assert response.status_code == 400 and "needs a language model" in response.json()["error"]
+    response = client.post("/inspect/words", json={"texts": ["ROMEO"]})
+    assert response.status_code == 400 and "needs a classifier" in response.json()["error"]
+
+
+def test_inspect_words_are_the_librarys_attribution(cls_client, paths):
+    from rnnkit.views import attribute
+
+    answer = post(cls_client, "/inspect/words", {"texts": ["a good film , dull plot", " ", "a zebra film"],
+                                                  "unknown": "skip"})
+    ckpt = load_checkpoint(paths["cls"])
+    found = attribute(ckpt.model, ckpt.tokenizer, ["neg", "pos"], "a good film , dull plot", max_len=80)
+    first = answer["results"][0]
+    assert (first["label"], [t["token"] for t in first["tokens"]]) == (found.label, found.tokens)
+    assert [t["change"] for t in first["tokens"]] == pytest.approx(found.change.tolist(), abs=1e-4)
+    assert first["probability"] == pytest.approx(post(cls_client, "/classify", {"texts": ["a good film , dull plot"]})
+                                                 ["results"][0]["probability"], abs=1e-4)
+    assert answer["results"][1] == {"label": None, "probability": None, "before": None, "tokens": [], "unknown": []}
+    zebra = answer["results"][2]
+    assert [t["token"].strip() for t in zebra["tokens"]] == ["a", "film"] and zebra["unknown"] == ["zebra"]
 
 
 # ---------------------------------------------------------------- sessions
@@ -634,6 +653,14 @@ def test_the_page_draws_probability_bars_for_a_classifier(live_server, browser):
     for row, result in zip(shown, expected["results"], strict=True):
         assert row["bars"] == [[label, f"{100 * p:.1f}%", pytest.approx(100 * p, abs=0.06)]
                                for label, p in result["probabilities"].items()]
+    # Under each text, its tokens coloured by how much each moved the prediction.
+    words = _post_json(base + "inspect/words", {"texts": ["a good film", "dull plot"]})["results"]
+    drawn = browser.evaluate("[...document.querySelectorAll('.result')].map(r => [...r.querySelectorAll('.words span')]"
+                             ".map(s => [s.textContent, Number(s.dataset.change), s.style.background]))")
+    for row, result in zip(drawn, words, strict=True):
+        assert [(t, c) for t, c, _ in row] == [(w["token"], pytest.approx(w["change"], abs=1e-9))
+                                               for w in result["tokens"]]
+        assert all(colour.startswith("rgb(") for _, _, colour in row)
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.generation import READ_CHUNK, Stream
 from rnnkit.inference import StreamText, classify_texts, continuation
-from rnnkit.views import FEATURES, GATE_NAMES, check_layer_top, inspect_language_model
+from rnnkit.views import FEATURES, GATE_NAMES, attribute, check_layer_top, inspect_language_model
 
 # Seeds every JSON client keeps exact (JavaScript's Number.MAX_SAFE_INTEGER): a seed the page
 # or any client echoes back must still name the same sample.
@@ -248,7 +248,15 @@ def _request_models(limits: ServeLimits, lm_names: Sequence[str], cls_names: Seq
                               "has no such unit or signal)")
         unknown: Unknown | None = Field(None, description=UNKNOWN_HELP)
 
+    class WordsRequest(_Body):
+        model: ClassifierName | None = Field(None, description=cls_help)
+        texts: list[Annotated[str, Field(max_length=most_chars_each), BeforeValidator(_read_surrogates)]] = Field(
+            min_length=1, max_length=limits.max_texts,
+            description="texts to explain; one with no token the model can read gets `label: null` and no tokens")
+        unknown: Unknown | None = Field(None, description=UNKNOWN_HELP)
+
     return SimpleNamespace(Sampling=Sampling, StreamRequest=StreamRequest, GenerateRequest=GenerateRequest,
+                           WordsRequest=WordsRequest,
                            ClassifyRequest=ClassifyRequest, SessionRequest=SessionRequest, FeedRequest=FeedRequest,
                            InspectRequest=InspectRequest,
                            LanguageModelName=LanguageModelName, ModelName=_choice([*lm_names, *cls_names]))
@@ -337,6 +345,25 @@ class InspectResponse(BaseModel):
     constant_features: list[str] = Field(description="features that never change in this text, so rank nothing")
     unit: UnitView | None = Field(description="the unit asked for with `unit` (null: none asked for)")
     unknown: list[str] = Field(description="pieces of the text the vocabulary lacks (skipped or <unk>)")
+
+
+class TokenChange(BaseModel):
+    token: str = Field(description="the token's text, as it appears in the text read")
+    p: float = Field(description="the predicted class's probability after reading up to this token")
+    change: float = Field(description="how much this token changed that probability")
+
+
+class WordsResult(BaseModel):
+    label: str | None = Field(description="the label predicted for the whole text (null: nothing to read)")
+    probability: float | None
+    before: float | None = Field(description="that label's probability with nothing read")
+    tokens: list[TokenChange] = Field(description="each token read (after cutting to the model's max_len)")
+    unknown: list[str] = Field(description="pieces of the text the vocabulary lacks (skipped or <unk>)")
+
+
+class WordsResponse(BaseModel):
+    model: str
+    results: list[WordsResult] = Field(description="one per text, in order")
 
 
 # ---------------------------------------------------------------- time limits
@@ -1105,6 +1132,24 @@ def create_app(
                                    constant_features=ins.constant, unit=chosen, unknown=missing)
 
         return await run(work, deadline())
+
+    @app.post("/inspect/words", response_model=WordsResponse, tags=["classifier"], operation_id="inspect_words",
+              responses=_errors(400, 422, 503, 504, keys=keys), include_in_schema=bool(by_task[CLASSIFY]))
+    async def inspect_words(body: bodies.WordsRequest) -> WordsResponse:
+        """Which tokens moved the prediction: the predicted label's probability after each prefix of each text."""
+        m = pick(CLASSIFY, body.model, "/inspect/words")
+        labels, data, policy = m.ckpt.meta["labels"], m.ckpt.run_config.data, m.policy(body.unknown)
+
+        def explain(text: str) -> WordsResult:
+            missing = m.tok.unknown_in(text)
+            if not m.encode(text, body.unknown)[0]:
+                return WordsResult(label=None, probability=None, before=None, tokens=[], unknown=missing)
+            found = attribute(m.ckpt.model, m.tok, labels, text, max_len=data.max_len, truncate=data.truncate,
+                              unknown=policy).to_dict()
+            return WordsResult(label=found["label"], probability=found["probability"], before=found["before"],
+                               tokens=found["tokens"], unknown=missing)
+
+        return await run(lambda: WordsResponse(model=m.name, results=[explain(t) for t in body.texts]), deadline())
 
     @app.post("/sessions", response_model=SessionInfo, status_code=201, operation_id="create_session",
               responses=_errors(400, 422, 503, 504, keys=keys), **session_routes)

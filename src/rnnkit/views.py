@@ -313,14 +313,16 @@ class Attribution:
 
 @torch.inference_mode()
 def attribute(model, tokenizer: Tokenizer, labels: Sequence[str], text: str, *, max_len: int,
-              unknown: str | None = None) -> Attribution:
-    """The classifier on every prefix of ``text`` (one padded batch), first ``max_len`` tokens."""
+              truncate: str = "pre", unknown: str | None = None) -> Attribution:
+    """The classifier on every prefix of ``text`` (one padded batch), cut to ``max_len`` tokens as the
+    classifier reads it (``truncate="pre"`` keeps the last ones, ``"post"`` the first)."""
     try:
-        ids = tokenizer.encode(text, unknown=unknown or tokenizer.default_unknown).tolist()[:max_len]
+        ids = tokenizer.encode(text, unknown=unknown or tokenizer.default_unknown).tolist()
     except RnnkitError as exc:
         raise type(exc)(f"text {text[:40]!r}: {exc}") from None
     if not ids:
         raise RnnkitError(f"text {text[:40]!r} has no token the classifier knows; give text made of known tokens")
+    ids = ids[-max_len:] if truncate == "pre" else ids[:max_len]
     device = next(model.parameters()).device
     n = len(ids)
     # Row 0 is the padding vector alone (nothing read); row k+1 holds the first k+1 tokens, post-padded.
@@ -433,9 +435,9 @@ def inspect_words(ckpt, request: InspectRequest) -> InspectReport:
     if len(texts) > MAX_TEXTS:
         raise RnnkitError(f"the text holds {len(texts)} lines; a classifier inspects at most {MAX_TEXTS} "
                           "texts (one a line) at a time")
-    labels, max_len = ckpt.meta["labels"], ckpt.run_config.data.max_len
-    found = [attribute(ckpt.model, ckpt.tokenizer, labels, t, max_len=max_len, unknown=request.unknown)
-             for t in texts]
+    labels, data = ckpt.meta["labels"], ckpt.run_config.data
+    found = [attribute(ckpt.model, ckpt.tokenizer, labels, t, max_len=data.max_len, truncate=data.truncate,
+                       unknown=request.unknown) for t in texts]
     lines = ["# the predicted class's probability before each text, then each token's change to it"]
     for a in found:
         moved = sorted(zip(a.tokens, a.change, strict=True), key=lambda x: -abs(x[1]))[:request.top]
