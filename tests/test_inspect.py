@@ -15,7 +15,6 @@ from rnnkit.cli import main
 from rnnkit.config import RunConfig
 from rnnkit.data.tokenizers import CharTokenizer, WordTokenizer
 from rnnkit.inference import classify_texts
-from rnnkit.models.classifier import Classifier
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.views import (
     attribute,
@@ -26,6 +25,7 @@ from rnnkit.views import (
     token_spans,
     trace,
 )
+from tiny import classifier_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -270,14 +270,7 @@ def test_missing_text_and_an_out_that_is_a_file(small_runs, capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    torch.manual_seed(0)
-    config = RunConfig(task="classify")
-    config.data.level = "word"
-    config.model.hidden, config.model.layers = 16, 1
-    tok = WordTokenizer.fit("a good film . a bad film . great acting , dull plot")
-    labels = ["neg", "pos"]
-    model = Classifier(config=config.model, vocab_size=tok.vocab_size, num_classes=len(labels))
-    return _save(tmp_path_factory.mktemp("cls") / "cls", model, tok, config, extra={"labels": labels})
+    return classifier_checkpoint(tmp_path_factory.mktemp("cls") / "cls")
 
 
 def test_attribution_follows_the_prefixes_to_the_classifiers_answer(classifier):

@@ -29,12 +29,12 @@ import rnnkit  # noqa: E402
 from rnnkit.checkpoint import load_checkpoint, write_checkpoint  # noqa: E402
 from rnnkit.cli import main  # noqa: E402
 from rnnkit.config import RunConfig, ServeLimits  # noqa: E402
-from rnnkit.data.tokenizers import CharTokenizer, WordTokenizer  # noqa: E402
+from rnnkit.data.tokenizers import CharTokenizer  # noqa: E402
 from rnnkit.generation import generate_ids  # noqa: E402
 from rnnkit.inference import classify_texts  # noqa: E402
-from rnnkit.models.classifier import Classifier  # noqa: E402
 from rnnkit.models.language_model import LanguageModel  # noqa: E402
 from rnnkit.server import create_app  # noqa: E402
+from tiny import classifier_checkpoint  # noqa: E402
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n"
 LIMITS = ServeLimits(max_length=60, max_samples=3, max_texts=4, max_request_bytes=40_000, max_sessions=3,
@@ -58,14 +58,7 @@ def _lm(path: Path, *, window: int = 0) -> Path:
 
 
 def _classifier(path: Path) -> Path:
-    torch.manual_seed(0)
-    config = RunConfig(task="classify")
-    config.data.level = "word"
-    config.model.hidden, config.model.layers = 16, 1
-    tok = WordTokenizer.fit("a good film . a bad film . great acting , dull plot")
-    labels = ["neg", "pos"]
-    model = Classifier(config=config.model, vocab_size=tok.vocab_size, num_classes=len(labels))
-    return _save(path, model, tok, config, extra={"labels": labels}, state={"step": 3, "best_val_accuracy": 0.75})
+    return classifier_checkpoint(path)
 
 
 class Clock:

@@ -392,10 +392,7 @@ def plot_coloured_text(path: str | Path, panels: Sequence[tuple[str, str, np.nda
         bar.set_label(colour_label, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
-    try:
-        return save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return _save_closed(plt, fig, path)
 
 
 def plot_heatmap(path: str | Path, rows: Sequence[tuple[str, np.ndarray]], ticks: Sequence[str], *,
@@ -420,6 +417,11 @@ def plot_heatmap(path: str | Path, rows: Sequence[tuple[str, np.ndarray]], ticks
     bar.set_label("activation, scaled per unit", fontsize=8)
     if title:
         ax.set_title(title, fontsize=11)
+    return _save_closed(plt, fig, path)
+
+
+def _save_closed(plt, fig, path: Path) -> Path:
+    """Write an inspect figure (at 110 dpi: small monospace text stays sharp) and free it."""
     try:
         return save_figure(fig, path, dpi=110)
     finally:
