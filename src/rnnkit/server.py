@@ -232,6 +232,19 @@ def _request_models(limits: ServeLimits, lm_names: Sequence[str], cls_names: Seq
         text: Text = Field("", max_length=most_chars, description="text to append to the session's history")
         unknown: Unknown | None = Field(None, description=UNKNOWN_HELP)
 
+    return SimpleNamespace(Sampling=Sampling, StreamRequest=StreamRequest, GenerateRequest=GenerateRequest,
+                           **_inspect_request_models(limits, LanguageModelName, ClassifierName, lm_help, cls_help,
+                                                     lm_layers=lm_layers),
+                           ClassifyRequest=ClassifyRequest, SessionRequest=SessionRequest, FeedRequest=FeedRequest,
+                           LanguageModelName=LanguageModelName, ModelName=_choice([*lm_names, *cls_names]))
+
+
+def _inspect_request_models(limits: ServeLimits, lm_name: Any, cls_name: Any, lm_help: str, cls_help: str, *,
+                            lm_layers: int) -> dict[str, type[BaseModel]]:
+    """The bodies of POST /inspect (``lm_layers``: the most layers of a served language model) and /inspect/words."""
+    most_chars, most_chars_each = text_limits(limits)
+    LanguageModelName, ClassifierName = lm_name, cls_name  # noqa: N806 (types)
+
     class InspectRequest(_Body):
         model: LanguageModelName | None = Field(None, description=lm_help)
         text: Text = Field(max_length=min(most_chars, INSPECT_CHARS),
@@ -255,11 +268,7 @@ def _request_models(limits: ServeLimits, lm_names: Sequence[str], cls_names: Seq
             description="texts to explain; one with no token the model can read gets `label: null` and no tokens")
         unknown: Unknown | None = Field(None, description=UNKNOWN_HELP)
 
-    return SimpleNamespace(Sampling=Sampling, StreamRequest=StreamRequest, GenerateRequest=GenerateRequest,
-                           WordsRequest=WordsRequest,
-                           ClassifyRequest=ClassifyRequest, SessionRequest=SessionRequest, FeedRequest=FeedRequest,
-                           InspectRequest=InspectRequest,
-                           LanguageModelName=LanguageModelName, ModelName=_choice([*lm_names, *cls_names]))
+    return {"InspectRequest": InspectRequest, "WordsRequest": WordsRequest}
 
 
 class ErrorBody(BaseModel):
@@ -1106,50 +1115,8 @@ def create_app(
 
         return await run(work, deadline())
 
-    @app.post("/inspect", response_model=InspectResponse, tags=["language model"], operation_id="inspect",
-              responses=_errors(400, 422, 503, 504, keys=keys), **lm_routes)
-    async def inspect(body: bodies.InspectRequest) -> InspectResponse:
-        """Read the text with the stepwise forward and rank a layer's units by how well they track simple
-        features of the text (Karpathy et al. 2015), with each shown unit's activation after every token."""
-        m = pick(LANGUAGE_MODEL, body.model, "/inspect")
-
-        def work() -> InspectResponse:
-            stack, (ids, missing) = m.ckpt.model.recurrent, m.encode(body.text, body.unknown)
-            layer = stack.layers - 1 if body.layer is None else body.layer
-            if len(ids) < 2 or layer >= stack.layers:  # nothing to correlate, or a layer check_layer_top refuses
-                return InspectResponse(**_inspect_answer(m, layer, ids, missing))
-            # A gate asked for as `unit` is computed too; a cell without gates (vanilla RNN) has none to add.
-            gates = (body.gates or body.signal not in ("h", "c")) and stack.cell in GATE_NAMES
-            ins = inspect_language_model(m.ckpt.model, m.tok, body.text, layer=layer, top=min(body.top, stack.hidden),
-                                         gates=gates, unknown=m.policy(body.unknown))
-            signals = ins.trace.signals
-            chosen = (None if body.unit is None or body.signal not in signals or body.unit >= stack.hidden
-                      else ins.view(ins.unit(body.signal, body.unit)))
-            tr = ins.trace
-            return InspectResponse(model=m.name, layer=ins.layer, signals=list(signals),
-                                   tokens=[tr.text[a:b] for a, b in tr.spans],
-                                   ranking={f: [ins.view(u) for u in units] for f, units in ins.ranking.items()},
-                                   constant_features=ins.constant, unit=chosen, unknown=missing)
-
-        return await run(work, deadline())
-
-    @app.post("/inspect/words", response_model=WordsResponse, tags=["classifier"], operation_id="inspect_words",
-              responses=_errors(400, 422, 503, 504, keys=keys), include_in_schema=bool(by_task[CLASSIFY]))
-    async def inspect_words(body: bodies.WordsRequest) -> WordsResponse:
-        """Which tokens moved the prediction: the predicted label's probability after each prefix of each text."""
-        m = pick(CLASSIFY, body.model, "/inspect/words")
-        labels, data, policy = m.ckpt.meta["labels"], m.ckpt.run_config.data, m.policy(body.unknown)
-
-        def explain(text: str) -> WordsResult:
-            missing = m.tok.unknown_in(text)
-            if not m.encode(text, body.unknown)[0]:
-                return WordsResult(label=None, probability=None, before=None, tokens=[], unknown=missing)
-            found = attribute(m.ckpt.model, m.tok, labels, text, max_len=data.max_len, truncate=data.truncate,
-                              unknown=policy).to_dict()
-            return WordsResult(label=found["label"], probability=found["probability"], before=found["before"],
-                               tokens=found["tokens"], unknown=missing)
-
-        return await run(lambda: WordsResponse(model=m.name, results=[explain(t) for t in body.texts]), deadline())
+    _inspect_routes(app, bodies=bodies, pick=pick, run=run, deadline=deadline, keys=keys,
+                    lm_routes=lm_routes, words_routes={"include_in_schema": bool(by_task[CLASSIFY])})
 
     @app.post("/sessions", response_model=SessionInfo, status_code=201, operation_id="create_session",
               responses=_errors(400, 422, 503, 504, keys=keys), **session_routes)
@@ -1215,6 +1182,60 @@ def create_app(
 
 
 # ---------------------------------------------------------------- configuration: models, keys, address
+
+
+def _inspect_routes(app: FastAPI, *, bodies: SimpleNamespace, pick: Callable, run: Callable, deadline: Callable,
+                    keys: bool, lm_routes: dict[str, Any], words_routes: dict[str, Any]) -> None:
+    """POST /inspect (a language model's units) and POST /inspect/words (a classifier's tokens), on ``app``.
+
+    ``pick``, ``run`` and ``deadline`` are :func:`create_app`'s: the model a body names, model work on the
+    pool within the request's deadline.
+    """
+
+    @app.post("/inspect", response_model=InspectResponse, tags=["language model"], operation_id="inspect",
+              responses=_errors(400, 422, 503, 504, keys=keys), **lm_routes)
+    async def inspect(body: bodies.InspectRequest) -> InspectResponse:
+        """Read the text with the stepwise forward and rank a layer's units by how well they track simple
+        features of the text (Karpathy et al. 2015), with each shown unit's activation after every token."""
+        m = pick(LANGUAGE_MODEL, body.model, "/inspect")
+
+        def work() -> InspectResponse:
+            stack, (ids, missing) = m.ckpt.model.recurrent, m.encode(body.text, body.unknown)
+            layer = stack.layers - 1 if body.layer is None else body.layer
+            if len(ids) < 2 or layer >= stack.layers:  # nothing to correlate, or a layer check_layer_top refuses
+                return InspectResponse(**_inspect_answer(m, layer, ids, missing))
+            # A gate asked for as `unit` is computed too; a cell without gates (vanilla RNN) has none to add.
+            gates = (body.gates or body.signal not in ("h", "c")) and stack.cell in GATE_NAMES
+            ins = inspect_language_model(m.ckpt.model, m.tok, body.text, layer=layer, top=min(body.top, stack.hidden),
+                                         gates=gates, unknown=m.policy(body.unknown))
+            signals = ins.trace.signals
+            chosen = (None if body.unit is None or body.signal not in signals or body.unit >= stack.hidden
+                      else ins.view(ins.unit(body.signal, body.unit)))
+            tr = ins.trace
+            return InspectResponse(model=m.name, layer=ins.layer, signals=list(signals),
+                                   tokens=[tr.text[a:b] for a, b in tr.spans],
+                                   ranking={f: [ins.view(u) for u in units] for f, units in ins.ranking.items()},
+                                   constant_features=ins.constant, unit=chosen, unknown=missing)
+
+        return await run(work, deadline())
+
+    @app.post("/inspect/words", response_model=WordsResponse, tags=["classifier"], operation_id="inspect_words",
+              responses=_errors(400, 422, 503, 504, keys=keys), **words_routes)
+    async def inspect_words(body: bodies.WordsRequest) -> WordsResponse:
+        """Which tokens moved the prediction: the predicted label's probability after each prefix of each text."""
+        m = pick(CLASSIFY, body.model, "/inspect/words")
+        labels, data, policy = m.ckpt.meta["labels"], m.ckpt.run_config.data, m.policy(body.unknown)
+
+        def explain(text: str) -> WordsResult:
+            missing = m.tok.unknown_in(text)
+            if not m.encode(text, body.unknown)[0]:
+                return WordsResult(label=None, probability=None, before=None, tokens=[], unknown=missing)
+            found = attribute(m.ckpt.model, m.tok, labels, text, max_len=data.max_len, truncate=data.truncate,
+                              unknown=policy).to_dict()
+            return WordsResult(label=found["label"], probability=found["probability"], before=found["before"],
+                               tokens=found["tokens"], unknown=missing)
+
+        return await run(lambda: WordsResponse(model=m.name, results=[explain(t) for t in body.texts]), deadline())
 
 
 def parse_checkpoints(specs: Sequence[str]) -> list[tuple[str, str]]:
