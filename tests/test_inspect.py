@@ -52,10 +52,12 @@ def _save(path: Path, model, tokenizer, config: RunConfig, extra=None) -> Path:
                             state={"step": 1}, extra=extra)
 
 
-def _lm(cell: str, *, layers: int = 2, hidden: int = 12, text: str = "ab (cd) \"ef\" 12\n") -> tuple:
+def _lm(cell: str, *, layers: int = 2, hidden: int = 12, text: str = "ab (cd) \"ef\" 12\n",
+        block: str = "plain", mlp_ratio: float = 0.0) -> tuple:
     torch.manual_seed(0)
     config = RunConfig()
     config.model.cell, config.model.hidden, config.model.layers = cell, hidden, layers
+    config.model.block, config.model.mlp_ratio = block, mlp_ratio
     tok = CharTokenizer.fit(text)
     return LanguageModel(config=config.model, vocab_size=tok.vocab_size).eval(), tok, config
 
@@ -105,23 +107,28 @@ def test_pearson_is_numpys_and_zero_for_a_constant():
 # ---------------------------------------------------------------- activations
 
 
+BLOCKS = [("plain", 0.0), ("residual", 0.0), ("residual", 2.0)]
+
+
+@pytest.mark.parametrize(("block", "mlp_ratio"), BLOCKS)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "mingru", "minlstm"])
-def test_the_trace_is_the_models_own_forward(cell):
-    model, tok, _ = _lm(cell)
+def test_the_trace_is_the_models_own_forward(cell, block, mlp_ratio):
+    model, tok, _ = _lm(cell, block=block, mlp_ratio=mlp_ratio)
     ids = tok.encode("ab (cd) \"ef\" 12\nab").tolist()
     tr = trace(model, tok, ids)
-    with torch.no_grad():
-        out, state = model.recurrent(model.embed(torch.tensor([ids])))  # (1, T, H): the top layer's outputs
     assert list(tr.signals) == (["h", "c"] if cell == "lstm" else ["h"])
     assert tr.signals["h"].shape == (len(ids), 2, 12)
-    np.testing.assert_allclose(tr.signals["h"][:, -1], out[0].numpy(), atol=1e-5)
-    for name, final in zip(tr.signals, state, strict=True):
-        np.testing.assert_allclose(tr.signals[name][-1], final[:, 0].numpy(), atol=1e-5)
+    for t in (0, 5, len(ids) - 1):  # the state after token t is the window forward's final state over ids[:t+1]
+        with torch.no_grad():
+            _, state = model(torch.tensor([ids[: t + 1]]))
+        for name, final in zip(tr.signals, state, strict=True):
+            np.testing.assert_allclose(tr.signals[name][t], final[:, 0].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize(("block", "mlp_ratio"), BLOCKS)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "mingru", "minlstm"])
-def test_the_gates_rebuild_the_stepped_state(cell):
-    model, tok, _ = _lm(cell)
+def test_the_gates_rebuild_the_stepped_state(cell, block, mlp_ratio):
+    model, tok, _ = _lm(cell, block=block, mlp_ratio=mlp_ratio)
     ids = tok.encode("ab (cd) \"ef\" 12\nab").tolist()
     tr = trace(model, tok, ids, gates=True)
     h = torch.tensor(tr.signals["h"])  # (T, L, H)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.models import eval_mode
+from rnnkit.models.blocks import ResidualStack
 from rnnkit.models.cells import positive
 
 # What each feature means, per character: the value after reading that character.
@@ -132,22 +133,43 @@ def trace(model, tokenizer: Tokenizer, ids: Sequence[int], *, gates: bool = Fals
 def gate_values(model, ids: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every layer's gates at every step, from the weights: ids (T,), h (T, L, H) -> {gate: (T, L, H)}.
 
-    Layer k reads layer k-1's output (layer 0: the embedding) and its own previous h,
-    as in the stack's equations; recomputing them all at once costs one product per layer.
+    Layer k's gates read what the layer read (:func:`layer_inputs`) and its own previous h;
+    recomputing them all at once costs one product per layer.
     """
     cell = model.recurrent.cell
     if cell not in GATE_NAMES:
         raise RnnkitError(f"a vanilla RNN has no gates; drop --gates (this checkpoint's cell is {cell!r})")
-    x = model.embed(ids).to(h.dtype)  # (T, E)
     per_layer = []
-    for k in range(h.shape[1]):
-        w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(h.dtype) for w in model.recurrent.layer_weights(k))
+    for k, (x, weights) in enumerate(layer_inputs(model, ids, h)):
+        w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(h.dtype) for w in weights)
         previous = torch.cat([torch.zeros_like(h[:1, k]), h[:-1, k]])  # (T, H): h_{t-1}, zeros before the text
         gx = F.linear(x, w_ih, b_ih)  # (T, G*H)
         gh = F.linear(previous, w_hh, b_hh) if w_hh is not None else torch.zeros_like(gx)
         per_layer.append(_gates(cell, gx, gh))
-        x = h[:, k]  # the next layer's input: this layer's output
     return {name: torch.stack([layer[name] for layer in per_layer], dim=1) for name in GATE_NAMES[cell]}
+
+
+def layer_inputs(model, ids: torch.Tensor, h: torch.Tensor):
+    """Yield each layer's input (T, I) over the text and its (W_ih, W_hh, b_ih, b_hh), given every h (T, L, H).
+
+    Plain stack: layer 0 reads the embedding, layer k layer k-1's output. Residual blocks
+    (:class:`~rnnkit.models.blocks.ResidualStack`, eval mode): block k's layer reads LN_k of the residual
+    stream, which its output (h) and MLP then add to.
+    """
+    stack = model.recurrent
+    x = model.embed(ids).to(h.dtype)  # (T, E)
+    if not isinstance(stack, ResidualStack):
+        for k in range(h.shape[1]):
+            yield x, stack.layer_weights(k)
+            x = h[:, k]
+        return
+    if stack.input_proj is not None:
+        x = stack.input_proj(x)  # (T, H): the residual stream
+    for k, block in enumerate(stack.blocks):
+        yield block.norm(x), block.recurrent.layer_weights(0)
+        x = x + h[:, k]
+        if block.mlp_up is not None:
+            x = x + block.mlp_down(F.gelu(block.mlp_up(block.mlp_norm(x))))
 
 
 def _gates(cell: str, gx: torch.Tensor, gh: torch.Tensor) -> dict[str, torch.Tensor]:
