@@ -84,13 +84,39 @@ def test_nested_brackets_and_typographic_quotes():
 
 def test_word_tokens_take_their_characters_features():
     tok = WordTokenizer.fit('he said "no 42 ( yes )" .')
-    text, spans = token_spans(tok, tok.encode('he said "no 42 ( yes )" .', unknown="unk").tolist())
+    ids = tok.encode('he said "no 42 ( yes )" .', unknown="unk").tolist()
+    text, spans = token_spans(tok, ids)
     assert "".join(text[a:b] for a, b in spans) == text
+    # Each span ends where the prefix up to that token ends, decoded whole (quotes change the spacing).
+    assert [b for _, b in spans] == [len(tok.decode(ids[: k + 1])) for k in range(len(ids))]
     words = [text[a:b].strip() for a, b in spans]
     f = token_features(text, spans)
     assert [w for w, q in zip(words, f["in_quotes"], strict=True) if q] == ['"', "no", "42", "(", "yes", ")"]
     assert [w for w, d in zip(words, f["digit"], strict=True) if d] == ["42"]
     assert [w for w, b in zip(words, f["in_brackets"], strict=True) if b] == ["(", "yes"]
+
+
+@pytest.mark.parametrize("level", ["word", "bpe"])
+def test_word_and_bpe_models_are_inspected_per_token(level):
+    text = 'she said "yes (twice)" at 9 and left\nhe said "no" at 10\n' * 3
+    if level == "bpe":
+        pytest.importorskip("tokenizers")
+        from rnnkit.data.tokenizers import BPETokenizer
+
+        tok = BPETokenizer.fit(text, vocab_size=300)
+    else:
+        tok = WordTokenizer.fit(text, eos=True)
+    torch.manual_seed(0)
+    config = RunConfig()
+    config.model.hidden, config.model.layers = 8, 1
+    model = LanguageModel(config=config.model, vocab_size=tok.vocab_size).eval()
+    ins = inspect_language_model(model, tok, text, top=2)
+    tr = ins.trace
+    assert "".join(tr.text[a:b] for a, b in tr.spans) == tr.text and len(tr.spans) == len(tr.ids)
+    pieces = [tr.text[a:b] for a, b in tr.spans]
+    digits = [p for p, d in zip(pieces, ins.features["digit"], strict=True) if d]
+    assert digits and all(any(ch.isdigit() for ch in p) for p in digits)
+    assert ins.ranking["in_quotes"][0].signal in ("h", "c") and len(ins.ranking["in_quotes"]) == 2
 
 
 def test_pearson_is_numpys_and_zero_for_a_constant():

@@ -71,18 +71,34 @@ def char_features(text: str) -> dict[str, np.ndarray]:
 
 
 def token_spans(tokenizer: Tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
-    """The text the ids decode to and each token's (start, end) character span in it."""
+    """The text the ids decode to and each token's (start, end) character span in it (spans tile the text)."""
     text = tokenizer.decode(ids)
     if tokenizer.kind == "char":
         return text, [(k, k + 1) for k in range(len(ids))]
-    spans, start = [], 0
-    for k in range(len(ids)):
-        # Word and BPE decoding depend on context (spacing): measure each prefix as decoded whole.
-        end = len(tokenizer.decode(ids[: k + 1])) if k + 1 < len(ids) else len(text)
-        end = max(start, min(end, len(text)))
-        spans.append((start, end))
-        start = end
-    return text, spans
+    ends = _aligned_ends(tokenizer, ids, text)
+    if ends is None:
+        # Decoding re-spaced or merged pieces (a split multi-byte character): measure each prefix as
+        # decoded whole, which is exact but O(T^2).
+        ends = [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids) - 1)] + [len(text)]
+        ends = np.maximum.accumulate(ends).tolist()
+    return text, list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def _aligned_ends(tokenizer: Tokenizer, ids: Sequence[int], text: str) -> list[int] | None:
+    """Each token's end in ``text``: its own decoded piece found after the previous one, with only spaces
+    between (word spacing depends on context: quotes open and close); None where a piece is not there."""
+    ends, cursor = [], 0
+    for i in ids:
+        piece = tokenizer.decode([i]).strip()
+        at = text.find(piece, cursor)
+        if at < 0 or text[cursor:at].strip():
+            return None
+        cursor = at + len(piece)
+        ends.append(cursor)
+    if text[cursor:].strip():
+        return None
+    ends[-1] = len(text)  # trailing spaces belong to the last token
+    return ends
 
 
 def token_features(text: str, spans: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
