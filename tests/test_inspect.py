@@ -260,7 +260,7 @@ def small_runs(tmp_path_factory):
     (["--top", "0"], "top 0 is out of range: show at least 1"),
     (["--top", "14"], "top 14 is out of range: a layer has 12 units, so 1..12"),
     (["--top", "13"], "top 13 is out of range"),
-    (["--gates"], "a vanilla RNN has no gates; drop --gates"),
+    (["--gates"], "a vanilla RNN has no gates (this checkpoint's cell is 'rnn'); inspect it without gates"),
 ])
 def test_bad_flags_are_one_line_errors_and_write_nothing(small_runs, capsys, tmp_path, extra, message):
     code, out, err = run(["inspect", "--checkpoint", small_runs["rnn"], "--text", small_runs["text"],

@@ -154,7 +154,7 @@ def gate_values(model, ids: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Te
     """
     cell = model.recurrent.cell
     if cell not in GATE_NAMES:
-        raise RnnkitError(f"a vanilla RNN has no gates; drop --gates (this checkpoint's cell is {cell!r})")
+        raise RnnkitError(f"a vanilla RNN has no gates (this checkpoint's cell is {cell!r}); inspect it without gates")
     per_layer = []
     for k, (x, weights) in enumerate(layer_inputs(model, ids, h)):
         w_ih, w_hh, b_ih, b_hh = (w if w is None else w.to(h.dtype) for w in weights)
