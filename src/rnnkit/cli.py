@@ -396,10 +396,12 @@ def _inspect_parser(sub) -> None:
                                      "changed the predicted class's probability, drawn as words.png.")
     _checkpoint_arg(ins)
     ins.add_argument("--text", required=True, metavar="FILE", help="the text to read (classifiers: one text a line)")
-    ins.add_argument("--layer", type=int, default=None, metavar="L", help="layer to inspect, from 0 (default: the top one)")
+    ins.add_argument("--layer", type=int, default=None, metavar="L",
+                     help="layer to inspect, from 0 (default: the top one)")
     ins.add_argument("--top", type=int, default=5, metavar="K", help="units per feature, and units drawn (default: 5)")
     ins.add_argument("--gates", action="store_true", help="rank the gates' units too (not for a vanilla RNN)")
-    ins.add_argument("--max-tokens", type=int, default=2000, metavar="N", help="read only the first N tokens (0: all; default: 2000)")
+    ins.add_argument("--max-tokens", type=int, default=2000, metavar="N",
+                     help="read only the first N tokens (0: all; default: 2000)")
     ins.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: RUN/inspect)")
     ins.add_argument("--no-png", action="store_true", help="print the ranking only, draw nothing")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
