@@ -456,8 +456,9 @@ class _Reading:
 def _inspect_answer(m: Served, layer: int, ids: list[int], missing: list[str]) -> dict[str, Any]:
     """POST /inspect's answer for a text of fewer than two known tokens: nothing varies, so nothing is ranked."""
     check_layer_top(m.ckpt.model, layer, 1)  # a layer this model lacks: 422, as the schema's description says
-    return {"model": m.name, "layer": layer, "signals": ["h", "c"] if m.ckpt.model.recurrent.cell == "lstm" else ["h"],
-            "tokens": [m.tok.decode(ids)] if ids else [], "ranking": {}, "constant_features": list(FEATURES), "unit": None, "unknown": missing}
+    signals = ["h", "c"] if m.ckpt.model.recurrent.cell == "lstm" else ["h"]
+    return {"model": m.name, "layer": layer, "signals": signals, "tokens": [m.tok.decode(ids)] if ids else [],
+            "ranking": {}, "constant_features": list(FEATURES), "unit": None, "unknown": missing}
 
 
 def describe(ckpt: Checkpoint, limits: ServeLimits) -> dict[str, Any]:
