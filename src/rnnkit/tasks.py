@@ -94,7 +94,9 @@ class WrongTask(RnnkitError):
 
 
 def require(task: str, capability: str, *, what: str, where: str) -> TaskSpec:
-    """The spec of ``task``, or :class:`WrongTask` when it lacks ``capability`` (``generates``, ``classifies``, ``inspects``).
+    """The spec of ``task``, or :class:`WrongTask` when it lacks ``capability``.
+
+    ``capability`` is a :class:`TaskSpec` field: ``generates``, ``classifies`` or ``inspects``.
 
     ``what`` names the command and ``where`` the checkpoint, in the caller's words.
     """
