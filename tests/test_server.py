@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -28,12 +29,12 @@ import rnnkit  # noqa: E402
 from rnnkit.checkpoint import load_checkpoint, write_checkpoint  # noqa: E402
 from rnnkit.cli import main  # noqa: E402
 from rnnkit.config import RunConfig, ServeLimits  # noqa: E402
-from rnnkit.data.tokenizers import CharTokenizer, WordTokenizer  # noqa: E402
+from rnnkit.data.tokenizers import CharTokenizer  # noqa: E402
 from rnnkit.generation import generate_ids  # noqa: E402
 from rnnkit.inference import classify_texts  # noqa: E402
-from rnnkit.models.classifier import Classifier  # noqa: E402
 from rnnkit.models.language_model import LanguageModel  # noqa: E402
 from rnnkit.server import create_app  # noqa: E402
+from tiny import classifier_checkpoint  # noqa: E402
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me.\n"
 LIMITS = ServeLimits(max_length=60, max_samples=3, max_texts=4, max_request_bytes=40_000, max_sessions=3,
@@ -57,14 +58,7 @@ def _lm(path: Path, *, window: int = 0) -> Path:
 
 
 def _classifier(path: Path) -> Path:
-    torch.manual_seed(0)
-    config = RunConfig(task="classify")
-    config.data.level = "word"
-    config.model.hidden, config.model.layers = 16, 1
-    tok = WordTokenizer.fit("a good film . a bad film . great acting , dull plot")
-    labels = ["neg", "pos"]
-    model = Classifier(config=config.model, vocab_size=tok.vocab_size, num_classes=len(labels))
-    return _save(path, model, tok, config, extra={"labels": labels}, state={"step": 3, "best_val_accuracy": 0.75})
+    return classifier_checkpoint(path)
 
 
 class Clock:
@@ -129,7 +123,7 @@ def test_health_model_and_openapi(client):
     assert info["training"] == {"step": 7, "best_val_loss": 1.5} and info["default_prime"] == "ROMEO"
     assert info["model"]["hidden"] == 32 and info["window"] == 0
     schema = client.get("/openapi.json").json()
-    assert {"/health", "/models", "/model", "/generate", "/generate/stream", "/sessions", "/sessions/{sid}",
+    assert {"/health", "/models", "/model", "/generate", "/generate/stream", "/inspect", "/sessions", "/sessions/{sid}",
             "/sessions/{sid}/feed", "/sessions/{sid}/generate"} == set(schema["paths"])  # no /classify: no classifier
     # The server's limits are part of the schema.
     properties = schema["components"]["schemas"]["GenerateRequest"]["properties"]
@@ -299,6 +293,66 @@ def test_classify_limits_and_texts_without_tokens(cls_client):
     unk = post(cls_client, "/classify", {"texts": ["a zebra film"]})["results"][0]
     skip = post(cls_client, "/classify", {"texts": ["a zebra film"], "unknown": "skip"})["results"][0]
     assert (unk["tokens"], unk["unknown"], skip["tokens"], skip["unknown"]) == (3, ["zebra"], 2, ["zebra"])
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def test_inspect_ranks_units_as_the_library_does(client, lm):
+    from rnnkit.views import inspect_language_model
+
+    text = "ROMEO: But soft, what light\nJULIET: Ay me.\n"
+    answer = post(client, "/inspect", {"text": text, "top": 3, "layer": 0, "unit": 7, "signal": "c"})
+    ins = inspect_language_model(lm.model, lm.tokenizer, text, layer=0, top=3)
+    assert answer["layer"] == 0 and answer["signals"] == ["h", "c"] and "".join(answer["tokens"]) == text
+    assert answer["constant_features"] == ins.constant == ["in_quotes", "in_brackets", "digit"]
+    assert list(answer["ranking"]) == list(ins.ranking)
+    for feature, units in ins.ranking.items():
+        sent = answer["ranking"][feature]
+        assert [(u["signal"], u["unit"], u["feature"]) for u in sent] == [(u.signal, u.unit, feature) for u in units]
+        assert [u["r"] for u in sent] == pytest.approx([u.r for u in units], abs=1e-4)
+        assert sent[0]["values"] == pytest.approx(ins.activations(units[0]).tolist(), abs=1e-4)
+    chosen = answer["unit"]
+    assert (chosen["signal"], chosen["unit"]) == ("c", 7) and len(chosen["values"]) == len(answer["tokens"])
+    assert chosen["values"] == pytest.approx(ins.trace.signals["c"][:, 0, 7].tolist(), abs=1e-4)
+
+
+def test_inspect_answers_every_valid_request(client):
+    # Too little text to correlate anything: an answer with nothing ranked, not an error.
+    short = post(client, "/inspect", {"text": "R", "unit": 1})
+    assert (short["tokens"], short["ranking"], short["unit"], short["layer"]) == (["R"], {}, None, 1)
+    # More units than the layer has: all of them; a unit or signal it lacks: null; gates asked for a gate unit.
+    wide = post(client, "/inspect", {"text": "ROMEO: But", "top": 200, "unit": 999})
+    assert all(len(units) == 32 for units in wide["ranking"].values()) and wide["unit"] is None
+    gate = post(client, "/inspect", {"text": "ROMEO: But", "signal": "f", "unit": 2})
+    assert gate["signals"] == ["h", "c", "i", "f", "g", "o"] and gate["unit"]["signal"] == "f"
+    assert post(client, "/inspect", {"text": "ROMEO: But", "signal": "z", "unit": 2})["unit"] is None  # a GRU's
+    response = client.post("/inspect", json={"text": "ROMEO", "layer": 2})
+    assert response.status_code == 422 and "layer" in response.json()["error"]
+
+
+def test_inspect_is_for_language_models_and_words_for_classifiers(client, cls_client):
+    response = cls_client.post("/inspect", json={"text": "a good film"})
+    assert response.status_code == 400 and "needs a language model" in response.json()["error"]
+    response = client.post("/inspect/words", json={"texts": ["ROMEO"]})
+    assert response.status_code == 400 and "needs a classifier" in response.json()["error"]
+
+
+def test_inspect_words_are_the_librarys_attribution(cls_client, paths):
+    from rnnkit.views import attribute
+
+    answer = post(cls_client, "/inspect/words", {"texts": ["a good film , dull plot", " ", "a zebra film"],
+                                                  "unknown": "skip"})
+    ckpt = load_checkpoint(paths["cls"])
+    found = attribute(ckpt.model, ckpt.tokenizer, ["neg", "pos"], "a good film , dull plot", max_len=80)
+    first = answer["results"][0]
+    assert (first["label"], [t["token"] for t in first["tokens"]]) == (found.label, found.tokens)
+    assert [t["change"] for t in first["tokens"]] == pytest.approx(found.change.tolist(), abs=1e-4)
+    assert first["probability"] == pytest.approx(post(cls_client, "/classify", {"texts": ["a good film , dull plot"]})
+                                                 ["results"][0]["probability"], abs=1e-4)
+    assert answer["results"][1] == {"label": None, "probability": None, "before": None, "tokens": [], "unknown": []}
+    zebra = answer["results"][2]
+    assert [t["token"].strip() for t in zebra["tokens"]] == ["a", "film"] and zebra["unknown"] == ["zebra"]
 
 
 # ---------------------------------------------------------------- sessions
@@ -580,6 +634,14 @@ def test_the_page_draws_probability_bars_for_a_classifier(live_server, browser):
     for row, result in zip(shown, expected["results"], strict=True):
         assert row["bars"] == [[label, f"{100 * p:.1f}%", pytest.approx(100 * p, abs=0.06)]
                                for label, p in result["probabilities"].items()]
+    # Under each text, its tokens coloured by how much each moved the prediction.
+    words = _post_json(base + "inspect/words", {"texts": ["a good film", "dull plot"]})["results"]
+    drawn = browser.evaluate("[...document.querySelectorAll('.result')].map(r => [...r.querySelectorAll('.words span')]"
+                             ".map(s => [s.textContent, Number(s.dataset.change), s.style.background]))")
+    for row, result in zip(drawn, words, strict=True):
+        assert [(t, c) for t, c, _ in row] == [(w["token"], pytest.approx(w["change"], abs=1e-9))
+                                               for w in result["tokens"]]
+        assert all(colour.startswith("rgb(") for _, _, colour in row)
 
 
 @pytest.mark.slow
@@ -611,3 +673,29 @@ def test_the_page_asks_for_the_key_once_and_lets_you_pick_a_model(live_server, b
     browser.open(base + "?model=lm")
     browser.wait_for("document.getElementById('summary').textContent.includes('language model')")
     assert browser.evaluate("document.getElementById('key-card').hidden") is True
+
+
+@pytest.mark.slow
+def test_the_page_colours_the_text_by_a_unit_in_a_real_browser(live_server, browser):
+    base = live_server("lm")
+    text = "ROMEO: But soft, what light\nJULIET: Ay me.\n"
+    browser.open(base + "?" + urllib.parse.urlencode({"inspect": text, "feature": "line_position", "run": "1"}))
+    browser.wait_for("document.querySelector('#inspect-view[data-done]')")
+    expected = _post_json(base + "inspect", {"text": text, "top": 3, "gates": False})["ranking"]["line_position"][0]
+    spans = browser.evaluate("[...document.querySelectorAll('#inspect-view span')].map(s => [s.textContent, "
+                             "Number(s.dataset.value), s.style.background])")
+    assert "".join(t for t, _, _ in spans) == text
+    assert [v for _, v, _ in spans] == pytest.approx(expected["values"], abs=1e-9)
+    assert len({c for _, _, c in spans}) > 5  # coloured by the values, not one colour
+    assert browser.evaluate("document.getElementById('inspect-choice').value") == "line_position"
+    assert expected["signal"] + "[" + str(expected["unit"]) + "]" in browser.evaluate(
+        "document.getElementById('inspect-unit-label').textContent")
+    # A unit by number: the page asks for it and draws it.
+    browser.evaluate("const s = document.getElementById('inspect-choice'); s.value = 'unit';"
+                     "document.getElementById('inspect-signal').value = 'c';"
+                     "document.getElementById('inspect-unit').value = '4'; delete document.getElementById("
+                     "'inspect-view').dataset.done; s.dispatchEvent(new Event('change'))")
+    browser.wait_for("document.querySelector('#inspect-view[data-done]')")
+    chosen = _post_json(base + "inspect", {"text": text, "top": 3, "signal": "c", "unit": 4})["unit"]
+    values = browser.evaluate("[...document.querySelectorAll('#inspect-view span')].map(s => Number(s.dataset.value))")
+    assert values == pytest.approx(chosen["values"], abs=1e-9)

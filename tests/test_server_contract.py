@@ -50,6 +50,8 @@ def test_every_operation_documents_its_answers(apps):
         ("post", "/generate"): {"200", "400", "401", "413", "422", "429", "503", "504"},
         ("post", "/generate/stream"): {"200", "400", "401", "413", "422", "429", "503", "504"},
         ("post", "/classify"): {"200", "400", "401", "413", "422", "429", "503", "504"},
+        ("post", "/inspect"): {"200", "400", "401", "413", "422", "429", "503", "504"},
+        ("post", "/inspect/words"): {"200", "400", "401", "413", "422", "429", "503", "504"},
         ("post", "/sessions"): {"201", "400", "401", "413", "422", "429", "503", "504"},
         ("get", "/sessions/{sid}"): {"200", "401", "404", "413", "422", "429"},
         ("post", "/sessions/{sid}/feed"): {"200", "400", "401", "404", "413", "422", "429", "503", "504"},
@@ -112,7 +114,7 @@ def test_schemathesis_finds_nothing(apps, which):
             except Unsatisfiable:  # negative: an operation without parameters or body has nothing to break
                 assert mode == schemathesis.GenerationMode.NEGATIVE and operation.path in ("/health", "/models")
         tested.append(operation.label)
-    assert len(tested) == (11 if which == "lm" else 10)
+    assert len(tested) == (13 if which == "lm" else 11)
 
     # Stateful: follow the session links (create -> feed / generate / info -> delete).
     machine = schema.as_state_machine()

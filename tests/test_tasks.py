@@ -22,6 +22,8 @@ def test_every_entry_resolves(name):
     assert callable(tasks.resolve(spec.evaluate))
     if spec.figures:
         assert callable(tasks.resolve(spec.figures))
+    if spec.inspects:
+        assert callable(tasks.resolve(spec.inspects))
 
 
 def test_capabilities_and_the_wrong_task_error():

@@ -1,7 +1,7 @@
 """The ``rnnkit`` command: a thin shell over the library.
 
 Each subcommand (``train``, ``compare-sampling``, ``generate``, ``eval``,
-``classify``, ``plot``, ``vocab``, ``serve``, ``export``, ``corpora``) parses its flags,
+``classify``, ``inspect``, ``plot``, ``vocab``, ``serve``, ``export``, ``corpora``) parses its flags,
 calls one library function and prints. Results go to stdout; progress,
 warnings and errors go to stderr. A user mistake prints one line
 ``rnnkit: error: ...`` and exits with status 2; Ctrl-C exits with 130.
@@ -158,6 +158,27 @@ def cmd_classify(args: argparse.Namespace) -> int:
     ckpt = load_for(args.checkpoint, device=args.device, capability="classifies", what="`rnnkit classify`")
     texts = args.texts or read_texts_to_classify(args.file, text_column=args.text_column)
     sys.stdout.writelines(classify_lines(ckpt, texts, all_labels=args.all, warn=_warn))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rnnkit.console import stderr
+    from rnnkit.data.corpora import read_text
+    from rnnkit.inference import load_for
+    from rnnkit.runtime import set_threads
+    from rnnkit.views import InspectRequest, default_out, inspect_checkpoint
+
+    set_threads(args.threads)
+    text = read_text(args.text)
+    ckpt = load_for(args.checkpoint, device=args.device)
+    out = None if args.no_png else Path(args.out) if args.out else default_out(ckpt.path)
+    report = inspect_checkpoint(ckpt, InspectRequest(text=text, layer=args.layer, top=args.top, gates=args.gates,
+                                                     max_tokens=args.max_tokens, out=out, unknown=args.unknown))
+    print(json.dumps(report.data, ensure_ascii=False) if args.json else "\n".join(report.lines))
+    for path in report.files:
+        stderr.print(f"wrote {path}")
     return 0
 
 
@@ -378,6 +399,30 @@ def _plot_parser(sub) -> None:
     plot.set_defaults(func=cmd_plot)
 
 
+def _inspect_parser(sub) -> None:
+    ins = sub.add_parser("inspect", help="which hidden units track quotes, brackets, line position...; which words "
+                                         "moved a classifier",
+                         description="Language models: read --text token by token with the stepwise forward, rank "
+                                     "the units of --layer by their correlation with features of the text and draw "
+                                     "units.png and heatmap.png. Classifiers: per text (one a line), how each token "
+                                     "changed the predicted class's probability, drawn as words.png.")
+    _checkpoint_arg(ins)
+    ins.add_argument("--text", required=True, metavar="FILE", help="the text to read (classifiers: one text a line)")
+    ins.add_argument("--layer", type=int, default=None, metavar="L",
+                     help="layer to inspect, from 0 (default: the top one)")
+    ins.add_argument("--top", type=int, default=5, metavar="K", help="units per feature, and units drawn (default: 5)")
+    ins.add_argument("--gates", action="store_true", help="rank the gates' units too (not for a vanilla RNN)")
+    ins.add_argument("--max-tokens", type=int, default=2000, metavar="N",
+                     help="read only the first N tokens (0: all; default: 2000)")
+    ins.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: RUN/inspect)")
+    ins.add_argument("--no-png", action="store_true", help="print the ranking only, draw nothing")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.add_argument("--unknown", choices=["error", "skip", "unk"], default=None,
+                     help="pieces of the text the model never saw (default: error for characters, unk for words)")
+    _runtime_args(ins, device="cpu")
+    ins.set_defaults(func=cmd_inspect)
+
+
 def _vocab_parser(sub) -> None:
     voc = sub.add_parser("vocab", help="show a checkpoint's vocabulary with how often each token occurs")
     _checkpoint_arg(voc)
@@ -458,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for add in (_train_parser, _compare_sampling_parser, _generate_parser, _eval_parser, _classify_parser,
-                _plot_parser, _vocab_parser, _serve_parser, _export_parser, _corpora_parser):
+                _inspect_parser, _plot_parser, _vocab_parser, _serve_parser, _export_parser, _corpora_parser):
         add(sub)
     return parser
 

@@ -311,3 +311,118 @@ def echo_figures(ckpt, records: list[dict[str, Any]], curves: Path, *, seed: int
     return [plot_echo(path, losses=(steps, losses), x=result.x.numpy(), y=result.y.numpy(),
                       predicted=result.predicted.numpy(), symbols=ckpt.run_config.data.symbols, offset=result.offset,
                       title=f"{name}: accuracy {result.accuracy:.4f} on a fresh series (last window shown)")]
+
+
+# ------------------------------------------------------------------ `rnnkit inspect`
+
+NEWLINE_GLYPH = "\u21b5"  # ↵: where a line ended (DejaVu Sans Mono has it)
+
+
+def _text_grid(text: str, values: np.ndarray, *, width: int) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
+    """Lay ``text`` out in rows of at most ``width`` characters, breaking at newlines.
+
+    Returns the (rows, width) grid of ``values`` (one per character, NaN where there is none)
+    and each character's (row, column, glyph) to write on it.
+    """
+    cells, row, col = [], 0, 0
+    for i, ch in enumerate(text):
+        if col >= width:
+            row, col = row + 1, 0
+        cells.append((row, col, i, NEWLINE_GLYPH if ch == "\n" else ch))
+        row, col = (row + 1, 0) if ch == "\n" else (row, col + 1)
+    rows = max((r for r, _, _, _ in cells), default=0) + 1
+    grid = np.full((rows, width), np.nan)
+    for r, c, i, _ in cells:
+        grid[r, c] = values[i]
+    return grid, [(r, c, g) for r, c, _, g in cells]
+
+
+def _diverging(values: np.ndarray) -> tuple[float, float]:
+    """Colour limits: symmetric about 0 for a signed signal, about the middle of its range for a positive one."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return -1.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    if low < 0:
+        m = max(abs(low), abs(high), 1e-6)
+        return -m, m
+    return low, max(high, low + 1e-6)
+
+
+def _tint(cmap):
+    """``cmap`` as :func:`plot_coloured_text` shows it (70% colour, 30% white), for its colour bar."""
+    from matplotlib.colors import ListedColormap
+
+    colours = cmap(np.linspace(0, 1, 256))
+    colours[:, :3] = 0.3 + 0.7 * colours[:, :3]
+    return ListedColormap(colours)
+
+
+def plot_coloured_text(path: str | Path, panels: Sequence[tuple[str, str, np.ndarray]], *, width: int = 100,
+                       title: str = "", cmap: str = "RdBu_r", colour_label: str = "activation",
+                       limits: tuple[float, float] | None = None) -> Path:
+    """One panel per (label, text, value per character): the text, each character on its value's colour.
+
+    Each panel has its own colour scale (:func:`_diverging`), or all share ``limits``.
+    """
+    path = check_png(path)
+    plt = pyplot()
+    grids = [_text_grid(text, values, width=width) for _, text, values in panels]
+    heights = [g.shape[0] for g, _ in grids]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(0.092 * width + 1.6, 0.2 * sum(heights) + 0.55 * len(panels)
+                                                      + 0.6), height_ratios=heights, squeeze=False,
+                             layout="constrained")
+    colours = plt.get_cmap(cmap)
+    for ax, (label, _, values), (grid, glyphs) in zip(axes[:, 0], panels, grids, strict=True):
+        low, high = limits or _diverging(values)
+        # The colour map's ends are too dark to read black text on: keep 70% of the colour, 30% white.
+        tinted = colours(np.clip((grid - low) / (high - low), 0, 1))
+        tinted[..., :3] = 0.3 + 0.7 * tinted[..., :3]
+        tinted[np.isnan(grid)] = (1, 1, 1, 1)
+        ax.imshow(tinted, aspect="auto", interpolation="nearest")
+        image = plt.cm.ScalarMappable(norm=plt.Normalize(low, high), cmap=_tint(colours))
+        for r, c, glyph in glyphs:
+            if not glyph.isspace():
+                ax.text(c, r, glyph, ha="center", va="center", family="DejaVu Sans Mono", fontsize=8.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(label, fontsize=9.5, loc="left", family="DejaVu Sans Mono")
+        bar = fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label(colour_label, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save_closed(plt, fig, path)
+
+
+def plot_heatmap(path: str | Path, rows: Sequence[tuple[str, np.ndarray]], ticks: Sequence[str], *,
+                 title: str = "", cmap: str = "RdBu_r") -> Path:
+    """Units (rows, each scaled to [-1, 1], see :func:`_diverging`) over time (columns, labelled with the tokens)."""
+    path = check_png(path)
+    plt = pyplot()
+    scaled = []
+    for _, v in rows:  # each unit to [-1, 1]: about 0 when it changes sign, else about the middle of its range
+        low, high = _diverging(v)
+        scaled.append(2 * (v - low) / (high - low) - 1)
+    data = np.stack(scaled)  # (units, T)
+    steps = data.shape[1]
+    fig, ax = plt.subplots(figsize=(min(2.5 + 0.11 * steps, 22.0), 1.2 + 0.42 * len(rows)), constrained_layout=True)
+    image = ax.imshow(data, cmap=cmap, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], family="DejaVu Sans Mono", fontsize=8.5)
+    shown = [NEWLINE_GLYPH if t == "\n" else (t if t.strip() else "\u2423") for t in ticks]  # ␣: a space
+    ax.set_xticks(range(steps), shown, family="DejaVu Sans Mono", fontsize=7)
+    ax.tick_params(axis="x", length=0)
+    ax.set_xlabel("tokens read (\u2423 a space, \u21b5 a newline)", fontsize=9)
+    bar = fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    bar.set_label("activation, scaled per unit", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=11)
+    return _save_closed(plt, fig, path)
+
+
+def _save_closed(plt, fig, path: Path) -> Path:
+    """Write an inspect figure (at 110 dpi: small monospace text stays sharp) and free it."""
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -84,6 +84,7 @@ from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.generation import READ_CHUNK, Stream
 from rnnkit.inference import StreamText, classify_texts, continuation
+from rnnkit.views import FEATURES, GATE_NAMES, attribute, check_layer_top, inspect_language_model
 
 # Seeds every JSON client keeps exact (JavaScript's Number.MAX_SAFE_INTEGER): a seed the page
 # or any client echoes back must still name the same sample.
@@ -100,6 +101,9 @@ BODY_OVERHEAD = 512
 # an escaped surrogate pair, "\ud83d\ude00". String limits in the schema allow for it, so a
 # request valid by the schema always fits in --max-request-bytes.
 JSON_BYTES_PER_CHAR = 12
+# POST /inspect reads at most this many characters (one step per token, ~2k tokens/s on a CPU) and
+# sends each shown unit's activation per token: the answer stays well within a second and a few 100 kB.
+INSPECT_CHARS = 4000
 # Paths anyone may read: they hold no model output (the page must load before it can ask for a key).
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 RETRY_AFTER = "1"
@@ -167,8 +171,12 @@ def text_limits(limits: ServeLimits) -> tuple[int, int]:
     return one, each
 
 
-def _request_models(limits: ServeLimits, lm_names: Sequence[str], cls_names: Sequence[str]) -> SimpleNamespace:
-    """The request bodies, with this server's limits and models in their schema (and so in the OpenAPI document)."""
+def _request_models(limits: ServeLimits, lm_names: Sequence[str], cls_names: Sequence[str], *,
+                    lm_layers: int = 1) -> SimpleNamespace:
+    """The request bodies, with this server's limits and models in their schema (and so in the OpenAPI document).
+
+    ``lm_layers``: the most layers of a served language model (the top ``layer`` POST /inspect takes).
+    """
     most_chars, most_chars_each = text_limits(limits)
     LanguageModelName = _choice(lm_names)  # noqa: N806 (a type)
     ClassifierName = _choice(cls_names)  # noqa: N806
@@ -225,8 +233,42 @@ def _request_models(limits: ServeLimits, lm_names: Sequence[str], cls_names: Seq
         unknown: Unknown | None = Field(None, description=UNKNOWN_HELP)
 
     return SimpleNamespace(Sampling=Sampling, StreamRequest=StreamRequest, GenerateRequest=GenerateRequest,
+                           **_inspect_request_models(limits, LanguageModelName, ClassifierName, lm_help, cls_help,
+                                                     lm_layers=lm_layers),
                            ClassifyRequest=ClassifyRequest, SessionRequest=SessionRequest, FeedRequest=FeedRequest,
                            LanguageModelName=LanguageModelName, ModelName=_choice([*lm_names, *cls_names]))
+
+
+def _inspect_request_models(limits: ServeLimits, lm_name: Any, cls_name: Any, lm_help: str, cls_help: str, *,
+                            lm_layers: int) -> dict[str, type[BaseModel]]:
+    """The bodies of POST /inspect (``lm_layers``: the most layers of a served language model) and /inspect/words."""
+    most_chars, most_chars_each = text_limits(limits)
+    LanguageModelName, ClassifierName = lm_name, cls_name  # noqa: N806 (types)
+
+    class InspectRequest(_Body):
+        model: LanguageModelName | None = Field(None, description=lm_help)
+        text: Text = Field(max_length=min(most_chars, INSPECT_CHARS),
+                           description="the text the model reads, token by token (at least two tokens it knows)")
+        layer: Annotated[int, Field(ge=0, le=max(lm_layers - 1, 0)), BeforeValidator(_whole)] | None = Field(
+            None, description="layer to inspect, from 0 (default: the top; a layer the chosen "
+                              "model lacks is 422)")
+        top: Whole = Field(5, ge=1, le=256, description="units per feature (more than the layer has: all of them)")
+        gates: bool = Field(False, description="rank the gates' units too (a vanilla RNN has none: ignored)")
+        signal: Literal["h", "c", "i", "f", "g", "o", "r", "z", "n", "candidate"] = Field(
+            "h", description="with `unit`: the signal of the unit to send (c: LSTM only; a gate: that cell's)")
+        unit: Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_whole)] | None = Field(
+            None, description="also send this unit of `signal` (answered as null when the model "
+                              "has no such unit or signal)")
+        unknown: Unknown | None = Field(None, description=UNKNOWN_HELP)
+
+    class WordsRequest(_Body):
+        model: ClassifierName | None = Field(None, description=cls_help)
+        texts: list[Annotated[str, Field(max_length=most_chars_each), BeforeValidator(_read_surrogates)]] = Field(
+            min_length=1, max_length=limits.max_texts,
+            description="texts to explain; one with no token the model can read gets `label: null` and no tokens")
+        unknown: Unknown | None = Field(None, description=UNKNOWN_HELP)
+
+    return {"InspectRequest": InspectRequest, "WordsRequest": WordsRequest}
 
 
 class ErrorBody(BaseModel):
@@ -291,6 +333,46 @@ class SessionText(BaseModel):
     text: str = Field(description="the new text, now part of the session")
     tokens: int = Field(description="tokens the session holds now")
     seed: int
+
+
+class UnitView(BaseModel):
+    feature: str = Field(description="the text feature the unit tracks best (see GET /docs: POST /inspect)")
+    signal: str = Field(description="h, c (LSTM) or a gate")
+    unit: int
+    r: float = Field(description="Pearson correlation of the unit's activation with the feature, over the text")
+    values: list[float] = Field(description="the unit's activation after each token")
+
+
+class InspectResponse(BaseModel):
+    model: str
+    layer: int
+    signals: list[str] = Field(description="the state (h; c for an LSTM) and, with `gates`, the gates ranked")
+    tokens: list[str] = Field(description="the text of each token read, in order (they join to the text read)")
+    ranking: dict[str, list[UnitView]] = Field(
+        description="per feature (in_quotes, in_brackets, line_position, end_of_line, word_start, digit), the "
+                    "`top` units by |r|; a feature that never changes in the text is left out")
+    constant_features: list[str] = Field(description="features that never change in this text, so rank nothing")
+    unit: UnitView | None = Field(description="the unit asked for with `unit` (null: none asked for)")
+    unknown: list[str] = Field(description="pieces of the text the vocabulary lacks (skipped or <unk>)")
+
+
+class TokenChange(BaseModel):
+    token: str = Field(description="the token's text, as it appears in the text read")
+    p: float = Field(description="the predicted class's probability after reading up to this token")
+    change: float = Field(description="how much this token changed that probability")
+
+
+class WordsResult(BaseModel):
+    label: str | None = Field(description="the label predicted for the whole text (null: nothing to read)")
+    probability: float | None
+    before: float | None = Field(description="that label's probability with nothing read")
+    tokens: list[TokenChange] = Field(description="each token read (after cutting to the model's max_len)")
+    unknown: list[str] = Field(description="pieces of the text the vocabulary lacks (skipped or <unk>)")
+
+
+class WordsResponse(BaseModel):
+    model: str
+    results: list[WordsResult] = Field(description="one per text, in order")
 
 
 # ---------------------------------------------------------------- time limits
@@ -369,6 +451,14 @@ class _Reading:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tok, name)
+
+
+def _inspect_answer(m: Served, layer: int, ids: list[int], missing: list[str]) -> dict[str, Any]:
+    """POST /inspect's answer for a text of fewer than two known tokens: nothing varies, so nothing is ranked."""
+    check_layer_top(m.ckpt.model, layer, 1)  # a layer this model lacks: 422, as the schema's description says
+    signals = ["h", "c"] if m.ckpt.model.recurrent.cell == "lstm" else ["h"]
+    return {"model": m.name, "layer": layer, "signals": signals, "tokens": [m.tok.decode(ids)] if ids else [],
+            "ranking": {}, "constant_features": list(FEATURES), "unit": None, "unknown": missing}
 
 
 def describe(ckpt: Checkpoint, limits: ServeLimits) -> dict[str, Any]:
@@ -811,7 +901,9 @@ def create_app(
     served = {name: _served(name, ckpt, limits) for name, ckpt in models.items()}
     by_task = {can: [n for n, s in served.items() if getattr(tasks.get(s.ckpt.task), can)]
                for can in (LANGUAGE_MODEL, CLASSIFY)}
-    bodies = _request_models(limits, by_task[LANGUAGE_MODEL], by_task[CLASSIFY])
+    bodies = _request_models(limits, by_task[LANGUAGE_MODEL], by_task[CLASSIFY],
+                             lm_layers=max((served[n].ckpt.model.recurrent.layers for n in by_task[LANGUAGE_MODEL]),
+                                           default=1))
     keys = bool(api_keys)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rnnkit-worker")
     sessions = Sessions(limit=limits.max_sessions, idle=limits.session_idle,
@@ -1024,6 +1116,9 @@ def create_app(
 
         return await run(work, deadline())
 
+    _inspect_routes(app, bodies=bodies, pick=pick, run=run, deadline=deadline, keys=keys,
+                    lm_routes=lm_routes, words_routes={"include_in_schema": bool(by_task[CLASSIFY])})
+
     @app.post("/sessions", response_model=SessionInfo, status_code=201, operation_id="create_session",
               responses=_errors(400, 422, 503, 504, keys=keys), **session_routes)
     async def create_session(body: bodies.SessionRequest) -> SessionInfo:
@@ -1088,6 +1183,60 @@ def create_app(
 
 
 # ---------------------------------------------------------------- configuration: models, keys, address
+
+
+def _inspect_routes(app: FastAPI, *, bodies: SimpleNamespace, pick: Callable, run: Callable, deadline: Callable,
+                    keys: bool, lm_routes: dict[str, Any], words_routes: dict[str, Any]) -> None:
+    """POST /inspect (a language model's units) and POST /inspect/words (a classifier's tokens), on ``app``.
+
+    ``pick``, ``run`` and ``deadline`` are :func:`create_app`'s: the model a body names, model work on the
+    pool within the request's deadline.
+    """
+
+    @app.post("/inspect", response_model=InspectResponse, tags=["language model"], operation_id="inspect",
+              responses=_errors(400, 422, 503, 504, keys=keys), **lm_routes)
+    async def inspect(body: bodies.InspectRequest) -> InspectResponse:
+        """Read the text with the stepwise forward and rank a layer's units by how well they track simple
+        features of the text (Karpathy et al. 2015), with each shown unit's activation after every token."""
+        m = pick(LANGUAGE_MODEL, body.model, "/inspect")
+
+        def work() -> InspectResponse:
+            stack, (ids, missing) = m.ckpt.model.recurrent, m.encode(body.text, body.unknown)
+            layer = stack.layers - 1 if body.layer is None else body.layer
+            if len(ids) < 2 or layer >= stack.layers:  # nothing to correlate, or a layer check_layer_top refuses
+                return InspectResponse(**_inspect_answer(m, layer, ids, missing))
+            # A gate asked for as `unit` is computed too; a cell without gates (vanilla RNN) has none to add.
+            gates = (body.gates or body.signal not in ("h", "c")) and stack.cell in GATE_NAMES
+            ins = inspect_language_model(m.ckpt.model, m.tok, body.text, layer=layer, top=min(body.top, stack.hidden),
+                                         gates=gates, unknown=m.policy(body.unknown))
+            signals = ins.trace.signals
+            chosen = (None if body.unit is None or body.signal not in signals or body.unit >= stack.hidden
+                      else ins.view(ins.unit(body.signal, body.unit)))
+            tr = ins.trace
+            return InspectResponse(model=m.name, layer=ins.layer, signals=list(signals),
+                                   tokens=[tr.text[a:b] for a, b in tr.spans],
+                                   ranking={f: [ins.view(u) for u in units] for f, units in ins.ranking.items()},
+                                   constant_features=ins.constant, unit=chosen, unknown=missing)
+
+        return await run(work, deadline())
+
+    @app.post("/inspect/words", response_model=WordsResponse, tags=["classifier"], operation_id="inspect_words",
+              responses=_errors(400, 422, 503, 504, keys=keys), **words_routes)
+    async def inspect_words(body: bodies.WordsRequest) -> WordsResponse:
+        """Which tokens moved the prediction: the predicted label's probability after each prefix of each text."""
+        m = pick(CLASSIFY, body.model, "/inspect/words")
+        labels, data, policy = m.ckpt.meta["labels"], m.ckpt.run_config.data, m.policy(body.unknown)
+
+        def explain(text: str) -> WordsResult:
+            missing = m.tok.unknown_in(text)
+            if not m.encode(text, body.unknown)[0]:
+                return WordsResult(label=None, probability=None, before=None, tokens=[], unknown=missing)
+            found = attribute(m.ckpt.model, m.tok, labels, text, max_len=data.max_len, truncate=data.truncate,
+                              unknown=policy).to_dict()
+            return WordsResult(label=found["label"], probability=found["probability"], before=found["before"],
+                               tokens=found["tokens"], unknown=missing)
+
+        return await run(lambda: WordsResponse(model=m.name, results=[explain(t) for t in body.texts]), deadline())
 
 
 def parse_checkpoints(specs: Sequence[str]) -> list[tuple[str, str]]:

@@ -51,13 +51,16 @@ class TaskSpec:
     generates: bool = False  # `rnnkit generate`, POST /generate and sessions
     classifies: bool = False  # `rnnkit classify`, POST /classify
     figures: str | None = None  # "module:function" drawing extra figures for `rnnkit plot`
+    inspects: str | None = None  # "module:function" behind `rnnkit inspect` (see rnnkit.views)
 
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec(name="language_model", display="language model", build_model=_language_model,
-             training="rnnkit.training.lm", evaluate="rnnkit.evaluation:evaluate_text", generates=True),
+             training="rnnkit.training.lm", evaluate="rnnkit.evaluation:evaluate_text", generates=True,
+             inspects="rnnkit.views:inspect_units"),
     TaskSpec(name="classify", display="classifier", build_model=_classifier,
-             training="rnnkit.training.classify", evaluate="rnnkit.evaluation:evaluate_labelled", classifies=True),
+             training="rnnkit.training.classify", evaluate="rnnkit.evaluation:evaluate_labelled", classifies=True,
+             inspects="rnnkit.views:inspect_words"),
     # A language model over the task's symbols, scored on a fresh series.
     TaskSpec(name="echo", display="echo-task model", build_model=_language_model,
              training="rnnkit.training.echo", evaluate="rnnkit.evaluation:evaluate_series",
@@ -91,7 +94,9 @@ class WrongTask(RnnkitError):
 
 
 def require(task: str, capability: str, *, what: str, where: str) -> TaskSpec:
-    """The spec of ``task``, or :class:`WrongTask` when it lacks ``capability`` (``generates``, ``classifies``).
+    """The spec of ``task``, or :class:`WrongTask` when it lacks ``capability``.
+
+    ``capability`` is a :class:`TaskSpec` field: ``generates``, ``classifies`` or ``inspects``.
 
     ``what`` names the command and ``where`` the checkpoint, in the caller's words.
     """
