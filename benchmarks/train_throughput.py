@@ -47,7 +47,8 @@ from rnnkit.config import ModelConfig
 from rnnkit.data.batching import Batch, SequentialStreams
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.models.recurrent import CELLS
-from rnnkit.training.engine import build_optimizer
+from rnnkit.runtime import SINGLE
+from rnnkit.training.engine import Plan, build_optimizer
 from rnnkit.training.lm import train_step
 
 TARGET_RATIO = 1.15
@@ -89,9 +90,10 @@ def make_rnnkit_side(args, ids: np.ndarray, cell: str = "lstm") -> tuple[Callabl
     device = torch.device("cpu")
     model.train()
     carried = {"state": None}
+    plan = Plan(precision=args.precision, accum=1, device=device, group=SINGLE)
 
     def step() -> float:
-        out = train_step(model, optimizer, next(batches), carried["state"], clip=CLIP, device=device)
+        out = train_step(model, optimizer, next(batches), carried["state"], clip=CLIP, device=device, plan=plan)
         # train_step returns a StepOutput (loss, accuracy counts, state); older versions a (loss, state) tuple.
         loss, carried["state"] = out if isinstance(out, tuple) else (out.loss, out.state)
         return float(loss)
@@ -152,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="as-shipped: each side's allocator as its program leaves it (rnnkit keeps freed memory, "
                         "see rnnkit.runtime.keep_freed_memory; the bare loop has glibc's defaults); no-mmap: every "
                         "side serves every block from the heap; system: every side has glibc's defaults")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the rnnkit sides' --precision (the bare loop is always fp32): bf16 is autocast, as "
+                        "`rnnkit train --precision bf16` runs it")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side, taking orders on stdin
     args = p.parse_args(argv)
     args.cells = ["lstm", *[c for c in dict.fromkeys(args.cells.split(",")) if c and c != "lstm"]]
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
             "vocab": args.vocab, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens_per_step,
             "rnnkit_parameters": rnnkit_params, "baseline_parameters": baseline_params,
         },
-        "optimizer": "adam", "lr": args.lr, "clip": CLIP, "data": "SequentialStreams over uniform random ids",
+        "optimizer": "adam", "lr": args.lr, "rnnkit_precision": args.precision, "clip": CLIP, "data": "SequentialStreams over uniform random ids",
         "repeats": args.repeats, "steps_per_repeat": args.steps, "warmup_steps": args.warmup,
         "rnnkit_tokens_per_s": round(rnnkit_tps, 1),
         "baseline_tokens_per_s": round(baseline_tps, 1),

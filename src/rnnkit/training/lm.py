@@ -92,10 +92,10 @@ def step_output(forward: Forward, applied: bool) -> StepOutput:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, state: State | None, *,
-               clip: float, device: torch.device) -> StepOutput:
+               clip: float, device: torch.device, plan: engine.Plan = engine.SIMPLE_PLAN) -> StepOutput:
     """The engine's step with the language-model loss (for experiments and benchmarks outside a run)."""
     forward, applied = engine.train_step(model, optimizer, batch, state, loss_fn=lm_forward, clip=clip,
-                                         device=device)
+                                         device=device, plan=plan)
     return step_output(forward, applied)
 
 
