@@ -1,0 +1,65 @@
+"""The adaptive softmax head of a language model (Grave et al. 2017, "Efficient softmax approximation for GPUs").
+
+The vocabulary is cut at ``cutoffs`` into a shortlist of the most frequent ids
+and clusters of rarer ones. The head scores the shortlist plus one entry per
+cluster; a cluster's ids are scored by a narrower projection (``hidden /
+div_value**k`` for the k-th cluster) and only for the rows whose target lies in
+it. A word's probability is p(its cluster) * p(word | cluster). This only pays
+if the ids are ranked by frequency, as word-level vocabularies are (their
+``<unk>``/``<eos>`` come last, in the rarest cluster).
+
+``head(h)`` gives full log-probabilities, (N, H) -> (N, V), so that whatever
+reads a model's scores (generation, beam search, the server) takes their
+softmax as the distribution; ``nll(h, targets)`` is the training path that
+never builds the (N, V) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rnnkit.errors import RnnkitError
+
+
+def default_cutoffs(vocab_size: int) -> list[int]:
+    """V/16 and V/4 (e.g. 1995 and 7981 for 31,925 words): the shortlist covers most tokens of Zipfian text."""
+    return sorted({c for c in (vocab_size // 16, vocab_size // 4) if 0 < c < vocab_size})
+
+
+def resolve_cutoffs(cutoffs: list[int], vocab_size: int, *, hidden: int, div_value: float) -> list[int]:
+    """The cut-offs an adaptive head over ``vocab_size`` ids uses (``[]``: the default), checked."""
+    chosen = list(cutoffs) or default_cutoffs(vocab_size)
+    if not chosen:
+        raise RnnkitError(f"a vocabulary of {vocab_size} tokens is too small for --softmax adaptive; "
+                          "use --softmax full")
+    if chosen != sorted(set(chosen)) or chosen[0] < 1 or chosen[-1] > vocab_size - 1:
+        raise RnnkitError(f"--cutoffs must be increasing ids between 1 and {vocab_size - 1} (the vocabulary has "
+                          f"{vocab_size} tokens), got {' '.join(map(str, chosen))}")
+    if int(hidden // div_value ** len(chosen)) < 1:
+        raise RnnkitError(f"--hidden {hidden} is too narrow for {len(chosen)} clusters at --div-value "
+                          f"{div_value:g} (the last cluster's projection would have no units); lower --div-value "
+                          "or give fewer --cutoffs")
+    return chosen
+
+
+class AdaptiveHead(nn.AdaptiveLogSoftmaxWithLoss):
+    """``head(h) -> log-probabilities``, h (N, H) or (B, T, H) -> (N, V) or (B, T, V); ``nll(h, targets)``."""
+
+    def __init__(self, *, hidden: int, vocab_size: int, cutoffs: list[int], div_value: float) -> None:
+        # A bias on the head, as the full softmax has: it learns the unigram frequencies for free.
+        super().__init__(hidden, vocab_size, cutoffs, div_value=div_value, head_bias=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        flat = h.reshape(-1, h.shape[-1]).float()  # (N, H): torch's log_prob takes rows only
+        return self.log_prob(flat).reshape(*h.shape[:-1], self.n_classes)
+
+    def nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-log p(target) per row, h (N, H), targets (N,) -> (N,), each cluster computed for its rows only."""
+        # float: torch fills an output of the input's dtype with float log-probabilities (autocast gives bf16 rows).
+        return -nn.AdaptiveLogSoftmaxWithLoss.forward(self, h.float(), targets).output
+
+    @torch.no_grad()
+    def argmax(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> (N,) the most likely id (the clusters are scored only for rows whose head picks one)."""
+        return self.predict(h)
