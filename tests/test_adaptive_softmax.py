@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from test_resume import StopAt, assert_identical, train_lm, weights
 
 from rnnkit.checkpoint import load_checkpoint
 from rnnkit.cli import main
@@ -22,6 +21,7 @@ from rnnkit.models.adaptive import default_cutoffs
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.training.compare import compare_sampling
 from rnnkit.training.session import Resume, StopFlag, Stopped
+from test_resume import StopAt, assert_identical, train_lm, weights
 
 # A Zipfian-ish text: a few words very often, many words rarely.
 WORDS = [f"w{i}" for i in range(60)]

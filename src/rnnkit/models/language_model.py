@@ -69,7 +69,7 @@ class LanguageModel(nn.Module):
             self.head.weight = self.embedding.weight
 
     def _init_head(self, init: str) -> None:
-        """d2l's normal(0, 0.01) or Keras's Glorot-uniform head weights (every linear of an adaptive head), zero biases."""
+        """d2l's normal(0, 0.01) or Keras's Glorot-uniform weights (each linear of an adaptive head), zero biases."""
         if init == "keras" and self.embedding is not None:  # Keras's Embedding default (the stack took its own)
             nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
         linears = [self.head] if isinstance(self.head, nn.Linear) else [m for m in self.head.modules()
@@ -153,7 +153,8 @@ class LanguageModelStep:
 
     Either way the recurrent part is a :class:`~rnnkit.models.cells.FusedStep`
     (minGRU/minLSTM: a :class:`~rnnkit.models.cells.MinStep`; residual blocks: a
-    :class:`~rnnkit.models.blocks.ResidualStep`, never the table) and the head one ``addmm``. What binding derives from the weights (the
+    :class:`~rnnkit.models.blocks.ResidualStep`, never the table) and the head one ``addmm`` (an adaptive
+    head: its log-probabilities). What binding derives from the weights (the
     table, ``[W_ih | W_hh]^T``, the summed biases) is a copy, so bind again
     after the weights change; what the step uses as it is (the embedding, the
     head, a GRU's weights) is read in place. Eval-mode arithmetic (no
