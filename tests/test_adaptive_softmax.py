@@ -26,7 +26,7 @@ from test_resume import StopAt, assert_identical, train_lm, weights
 # A Zipfian-ish text: a few words very often, many words rarely.
 WORDS = [f"w{i}" for i in range(60)]
 TEXT = " ".join(WORDS[min(int(r) - 1, 59)] for r in np.random.default_rng(0).zipf(1.3, 3000)) + "\n"
-FAST = ["--level", "word", "--softmax", "adaptive", "--cutoffs", "8", "24", "--hidden", "32", "--layers", "1",
+FAST = ["--level", "word", "--softmax", "adaptive", "--cutoffs", "8,24", "--hidden", "32", "--layers", "1",
         "--seq-len", "12", "--batch-size", "4", "--eval-every", "10", "--log-every", "5", "--threads", "1",
         "--sample-length", "5"]
 
@@ -71,6 +71,22 @@ def test_loss_is_minus_the_gathered_log_probability(last):
     loss = model.nll(ids, targets)[0].mean()
     loss.backward()
     assert all(p.grad is not None for p in model.head.parameters())
+
+
+def test_loss_matches_torch_and_runs_under_autocast():
+    model = adaptive_model().train()
+    g = torch.Generator().manual_seed(4)
+    h, targets = torch.randn(40, 32, generator=g), torch.randint(0, 50, (40,), generator=g)
+    reference = torch.nn.AdaptiveLogSoftmaxWithLoss.forward(model.head, h, targets).output
+    torch.testing.assert_close(model.head.nll(h, targets), -reference)
+    ids = torch.randint(0, 50, (4, 10), generator=g)
+    exact = model.nll(ids, ids)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 projections, float log-softmax
+        nll, _, _ = model.nll(ids, ids)
+    assert nll.dtype == torch.float32
+    torch.testing.assert_close(nll, exact, atol=0.1, rtol=0.02)
+    nll.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.head.parameters())
 
 
 def test_full_softmax_nll_is_the_cross_entropy():
@@ -193,7 +209,8 @@ def test_old_configs_keep_the_full_softmax():
     (["--level", "bpe", "--softmax", "adaptive"], "--softmax adaptive needs --level word"),
     (["--level", "word", "--softmax", "adaptive", "--tie-weights"], "cannot --tie-weights"),
     (["--level", "word", "--softmax", "adaptive", "--div-value", "1"], "'model.div_value' must be greater than 1"),
-    (["--level", "word", "--softmax", "adaptive", "--cutoffs", "9", "4"], "--cutoffs must be increasing ids"),
+    (["--level", "word", "--softmax", "adaptive", "--cutoffs", "9,4"], "--cutoffs must be increasing ids"),
+    (["--level", "word", "--softmax", "adaptive", "--cutoffs", "9", "x"], "must be an integer"),
     (["--level", "word", "--softmax", "adaptive", "--cutoffs", "5", "900"], "--cutoffs must be increasing ids"),
     (["--level", "word", "--softmax", "adaptive", "--cutoffs", "2", "4", "8", "--hidden", "16"], "too narrow"),
     (["--task", "echo", "--softmax", "adaptive"], "--softmax adaptive is for the language model"),

@@ -111,7 +111,7 @@ class ModelConfig:
                 "vocabularies; scores are then log-probabilities)"
     )
     cutoffs: list[int] = knob([], "--softmax adaptive: the ids where the shortlist and each cluster end, increasing "
-                                  "(default: V/16 and V/4 of the V-word vocabulary)")
+                                  "(e.g. 2000 10000 or 2000,10000; default: V/16 and V/4 of the V-word vocabulary)")
     div_value: float = knob(4.0, "--softmax adaptive: each cluster's projection is this many times narrower than "
                                  "the one before (hidden/4, hidden/16, ...)")
     bidirectional: bool = knob(False, "classifier: read each text both ways")
@@ -340,6 +340,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise RnnkitError(f"{source}: '{key}' must be a list, got {value!r}")
+        if item_type is int and all(isinstance(v, str) for v in value):  # "2000,10000" as well as 2000 10000
+            value = [p.strip() for v in value for p in v.split(",")]
         return [_coerce(v, item_type, key, source) for v in value]
     if tp is bool:
         if isinstance(value, bool):

@@ -17,6 +17,7 @@ never builds the (N, V) tensor.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.errors import RnnkitError
@@ -55,9 +56,20 @@ class AdaptiveHead(nn.AdaptiveLogSoftmaxWithLoss):
         return self.log_prob(flat).reshape(*h.shape[:-1], self.n_classes)
 
     def nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """-log p(target) per row, h (N, H), targets (N,) -> (N,), each cluster computed for its rows only."""
-        # float: torch fills an output of the input's dtype with float log-probabilities (autocast gives bf16 rows).
-        return -nn.AdaptiveLogSoftmaxWithLoss.forward(self, h.float(), targets).output
+        """-log p(target) per row, h (N, H), targets (N,) -> (N,) float, each cluster computed for its rows only."""
+        # float before every log-softmax: under autocast the projections give bf16/fp16 scores.
+        head = F.log_softmax(self.head(h).float(), dim=-1)  # (N, shortlist + clusters)
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)  # (N,) -log p(word | cluster)
+        entry = targets.clone()  # (N,) the head entry each row reads: its word, or its word's cluster
+        for k in range(self.n_clusters):
+            low, high = self.cutoffs[k], self.cutoffs[k + 1]
+            rows = ((targets >= low) & (targets < high)).nonzero().squeeze(1)  # (n_k,) this cluster's rows
+            if rows.numel() == 0:
+                continue
+            tail = F.log_softmax(self.tail[k](h[rows]).float(), dim=-1)  # (n_k, high - low)
+            nll = nll.index_copy(0, rows, -tail.gather(1, (targets[rows] - low)[:, None])[:, 0])
+            entry[rows] = self.shortlist_size + k
+        return nll - head.gather(1, entry[:, None])[:, 0]
 
     @torch.no_grad()
     def argmax(self, h: torch.Tensor) -> torch.Tensor:
