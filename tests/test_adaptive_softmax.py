@@ -228,3 +228,16 @@ def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, flags, messag
 def test_library_refuses_cutoffs_past_the_vocabulary():
     with pytest.raises(RnnkitError, match="between 1 and 9"):
         LanguageModel(config=ModelConfig(softmax="adaptive", hidden=8, cutoffs=[3, 10]), vocab_size=10)
+
+
+def test_default_cutoffs_are_recorded_in_the_run(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    flags = [a for a in FAST if a not in ("--cutoffs", "8,24")]
+    assert main(["train", "--text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--quiet", *flags]) == 0
+    ckpt = load_checkpoint(tmp_path / "run")
+    expected = default_cutoffs(ckpt.tokenizer.vocab_size)
+    assert ckpt.model.head.cutoffs[:-1] == expected
+    config = json.loads((ckpt.path / "config.json").read_text())
+    assert config["model"]["cutoffs"] == expected
+    assert f"cutoffs = [{expected[0]}, {expected[1]}]" in (tmp_path / "run" / "config.toml").read_text()

@@ -239,8 +239,8 @@ class LanguageModelTask(WindowTask):
         self.generators = {"samples": self.sample_gen}
         self.counters = {"best_val_loss": None, "val_loss": None, "train_loss": None, "train_accuracy": None}
         m = config.model
-        if m.softmax == "adaptive":  # cut-offs that do not fit this vocabulary: say so before training starts
-            resolve_cutoffs(m.cutoffs, data.tokenizer.vocab_size, hidden=m.hidden, div_value=m.div_value)
+        if m.softmax == "adaptive":  # checked before training starts, and recorded: the checkpoints say what they use
+            m.cutoffs = resolve_cutoffs(m.cutoffs, data.tokenizer.vocab_size, hidden=m.hidden, div_value=m.div_value)
 
     def setup(self, session: Session) -> None:
         super().setup(session)
