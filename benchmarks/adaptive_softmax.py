@@ -44,7 +44,8 @@ TARGET_RATIO = 3.0
 
 def zipf_text(words: int, vocab: int, seed: int) -> str:
     """Made-up words drawn from a Zipf law (s = 1.1) over ``vocab`` ranks, 12 to a line."""
-    ranks = np.minimum(np.random.default_rng(seed).zipf(1.1, words), vocab) - 1
+    ranks = np.random.default_rng(seed).zipf(1.1, 3 * words)
+    ranks = ranks[ranks <= vocab][:words] - 1  # the law cut at ``vocab`` ranks, not piled onto the last one
     pieces = [f"w{r}" for r in ranks]
     return "\n".join(" ".join(pieces[i : i + 12]) for i in range(0, len(pieces), 12)) + "\n"
 

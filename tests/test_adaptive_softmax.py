@@ -78,7 +78,10 @@ def test_loss_matches_torch_and_runs_under_autocast():
     g = torch.Generator().manual_seed(4)
     h, targets = torch.randn(40, 32, generator=g), torch.randint(0, 50, (40,), generator=g)
     reference = torch.nn.AdaptiveLogSoftmaxWithLoss.forward(model.head, h, targets).output
-    torch.testing.assert_close(model.head.nll(h, targets), -reference)
+    nll, predicted = model.head.nll(h, targets)
+    torch.testing.assert_close(nll, -reference)
+    assert (model.head.head(h).argmax(-1) >= model.head.shortlist_size).any()  # some rows need their clusters
+    assert torch.equal(predicted, model.head.predict(h))  # torch's argmax over the full log-probabilities
     ids = torch.randint(0, 50, (4, 10), generator=g)
     exact = model.nll(ids, ids)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 projections, float log-softmax

@@ -55,8 +55,12 @@ class AdaptiveHead(nn.AdaptiveLogSoftmaxWithLoss):
         flat = h.reshape(-1, h.shape[-1]).float()  # (N, H): torch's log_prob takes rows only
         return self.log_prob(flat).reshape(*h.shape[:-1], self.n_classes)
 
-    def nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """-log p(target) per row, h (N, H), targets (N,) -> (N,) float, each cluster computed for its rows only."""
+    def nll(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log p(target) and the most likely id per row: h (N, H), targets (N,) -> (N,) float, (N,) ids.
+
+        A cluster's words are scored only for the rows whose target lies in it, and
+        for the argmax only for the rows whose head picks a cluster.
+        """
         # float before every log-softmax: under autocast the projections give bf16/fp16 scores.
         head = F.log_softmax(self.head(h).float(), dim=-1)  # (N, shortlist + clusters)
         nll = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)  # (N,) -log p(word | cluster)
@@ -69,9 +73,22 @@ class AdaptiveHead(nn.AdaptiveLogSoftmaxWithLoss):
             tail = F.log_softmax(self.tail[k](h[rows]).float(), dim=-1)  # (n_k, high - low)
             nll = nll.index_copy(0, rows, -tail.gather(1, (targets[rows] - low)[:, None])[:, 0])
             entry[rows] = self.shortlist_size + k
-        return nll - head.gather(1, entry[:, None])[:, 0]
+        return nll - head.gather(1, entry[:, None])[:, 0], self._argmax(h.detach(), head.detach())
 
     @torch.no_grad()
-    def argmax(self, h: torch.Tensor) -> torch.Tensor:
-        """(N, H) -> (N,) the most likely id (the clusters are scored only for rows whose head picks one)."""
-        return self.predict(h)
+    def _argmax(self, h: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """(N, H) and the head's (N, shortlist + clusters) log-probabilities -> (N,) the most likely ids."""
+        predicted = head.argmax(dim=-1)  # (N,)
+        # A word of the shortlist is final: no word of a cluster is likelier than the cluster itself.
+        rows = (predicted >= self.shortlist_size).nonzero().squeeze(1)  # (n,)
+        if rows.numel() == 0:
+            return predicted
+        short = self.shortlist_size
+        best, best_id = head[rows, :short].max(dim=-1)  # (n,) the likeliest word of the shortlist
+        for k in range(self.n_clusters):
+            tail = self.tail[k](h[rows]).float()  # (n, size of cluster k)
+            top, where = tail.max(dim=-1)
+            score = head[rows, short + k] + top - tail.logsumexp(dim=-1)  # log p(cluster) + log p(its best word)
+            better = score > best  # ties keep the lower id, as an argmax over all V ids would
+            best, best_id = torch.where(better, score, best), torch.where(better, where + self.cutoffs[k], best_id)
+        return predicted.index_copy(0, rows, best_id)

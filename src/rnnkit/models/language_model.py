@@ -109,7 +109,7 @@ class LanguageModel(nn.Module):
             out = out[:, -1]  # (B, H)
         h, y = out.reshape(-1, out.shape[-1]), targets.reshape(-1)  # (N, H), (N,)
         if isinstance(self.head, AdaptiveHead):
-            nll, predicted = self.head.nll(h, y), self.head.argmax(h.float())
+            nll, predicted = self.head.nll(h, y)
         else:
             logits = self.head(h)  # (N, V)
             nll, predicted = F.cross_entropy(logits.float(), y, reduction="none"), logits.detach().argmax(-1)
