@@ -9,6 +9,9 @@ The model contract, shared by every model:
 
 * ``forward(ids, state=None) -> (logits, state)`` over a window: ids (B, T),
   logits (B, T, V). The same path whatever T, the mode or the grad setting.
+  With ``softmax = "adaptive"`` the logits are log-probabilities (their softmax
+  is the distribution, as for any logits), and ``nll`` gives the training loss
+  without building them.
 * ``step(ids, state) -> (logits, state)`` for one token per row: ids (B,),
   logits (B, V). ``stepper()`` binds it once (weights laid out for the step,
   see :class:`LanguageModelStep`) for a loop over many tokens, which is what
