@@ -159,6 +159,24 @@ def test_cli_train_generate_eval(run, capsys):
     assert 1 < metrics["perplexity"] < ckpt.tokenizer.vocab_size and metrics["tokens"] > 2000
 
 
+def test_beam_search_scores_are_the_heads_log_probabilities(run, capsys):
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", run / "run", "--prime", "w0 w1", "--length", "4", "--beam", "3",
+            "--num-samples", "2", "--json"]
+    assert main([str(a) for a in argv]) == 0
+    hypotheses = json.loads(capsys.readouterr().out)["hypotheses"]
+    ckpt = load_checkpoint(run / "run")
+    prime = ckpt.tokenizer.encode("w0 w1").tolist()
+    assert len(hypotheses) == 2 and hypotheses[0]["log_prob"] >= hypotheses[1]["log_prob"]
+    for h in hypotheses:
+        ids = ckpt.tokenizer.encode(h["text"]).tolist()
+        assert ids[:2] == prime and len(ids) == 6
+        with torch.no_grad():
+            scores, _ = ckpt.model(torch.tensor([ids[:-1]]))  # (1, 5, V) log-probabilities
+        teacher = scores[0, 1:].gather(-1, torch.tensor(ids[2:])[:, None]).sum().item()
+        assert h["log_prob"] == pytest.approx(teacher, abs=1e-4)
+
+
 def test_served_adaptive_model_generates(run):
     pytest.importorskip("fastapi", reason="the server needs the serve extra")
     from fastapi.testclient import TestClient
