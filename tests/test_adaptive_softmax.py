@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -244,6 +245,17 @@ def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, flags, messag
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "checkpoints").exists()
+
+
+def test_a_checkpoint_whose_cutoffs_were_edited_is_refused_in_one_line(run, tmp_path, capsys):
+    ckpt = shutil.copytree(load_checkpoint(run / "run").path, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["run"]["model"]["cutoffs"] = [4, 24]  # the weights have a shortlist of 8
+    (ckpt / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(ckpt), "--length", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "do not match its config.json" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_library_refuses_cutoffs_past_the_vocabulary():
