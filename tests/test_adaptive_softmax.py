@@ -158,6 +158,10 @@ def test_cli_train_generate_eval(run, capsys):
     assert main(["eval", "--checkpoint", str(run / "run"), "--text", str(run / "text.txt"), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 1 < metrics["perplexity"] < ckpt.tokenizer.vocab_size and metrics["tokens"] > 2000
+    assert main(["vocab", "--checkpoint", str(run / "run"), "--top", "3"]) == 0 and "w0" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(run / "run"), "--out", str(run / "curves.png")]) == 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_beam_search_scores_are_the_heads_log_probabilities(run, capsys):
