@@ -159,6 +159,9 @@ def test_cli_train_generate_eval(run, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert 1 < metrics["perplexity"] < ckpt.tokenizer.vocab_size and metrics["tokens"] > 2000
     assert main(["vocab", "--checkpoint", str(run / "run"), "--top", "3"]) == 0 and "w0" in capsys.readouterr().out
+    assert main(["inspect", "--checkpoint", str(run / "run"), "--text", str(run / "text.txt"), "--max-tokens", "200",
+                 "--no-png", "--json"]) == 0  # it reads the recurrent units, whatever the head
+    assert json.loads(capsys.readouterr().out)
     pytest.importorskip("matplotlib")
     assert main(["plot", str(run / "run"), "--out", str(run / "curves.png")]) == 0
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
