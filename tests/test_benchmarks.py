@@ -36,6 +36,19 @@ def test_benchmark_quick_run_prints_json(script):
 
 
 @pytest.mark.slow
+def test_adaptive_softmax_benchmark_runs_on_synthetic_words():
+    proc = subprocess.run([sys.executable, str(BENCH / "adaptive_softmax.py"), "--quick", "--synthetic", "--threads",
+                           "1", "--seconds", "2", "--hidden", "32", "--batch", "8", "--eval-tokens", "500"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["vocab_size"] > 10_000 and result["ratio"] > 0
+    for side in ("full", "adaptive"):
+        assert result[side]["steps"] > 0 and result[side]["held_out_perplexity"] > 1
+    assert result["adaptive"]["head_parameters"] < result["full"]["head_parameters"]
+
+
+@pytest.mark.slow
 def test_sentiment_benchmark_quick_run(shared_corpora):
     proc = subprocess.run([sys.executable, str(BENCH / "sentiment.py"), "--quick", "--threads", "1"],
                           capture_output=True, text=True, timeout=900)

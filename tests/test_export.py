@@ -136,11 +136,12 @@ def _driver(folder: Path, *args: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["char", "word", "char-window"])
+@pytest.mark.parametrize("kind", ["char", "word", "char-window", "word-adaptive"])
 def test_the_numpy_driver_prints_what_rnnkit_generate_prints(kind, tmp_path, capsys):
-    level = {"char": [], "word": ["--level", "word", "--eos"], "char-window": ["--window", "8"]}[kind]
-    run = _train(tmp_path, *level, words=WORDS if kind == "word" else TEXT)
-    prime = 'ROMEO: "But soft' if kind == "word" else "JULIET"
+    level = {"char": [], "word": ["--level", "word", "--eos"], "char-window": ["--window", "8"],
+             "word-adaptive": ["--level", "word", "--eos", "--softmax", "adaptive"]}[kind]
+    run = _train(tmp_path, *level, words=WORDS if kind.startswith("word") else TEXT)
+    prime = 'ROMEO: "But soft' if kind.startswith("word") else "JULIET"
     assert main(["generate", "--checkpoint", str(run), "--prime", prime, "--length", "200", "--temperature", "0"]) == 0
     expected = capsys.readouterr().out
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "out")]) == 0
@@ -213,3 +214,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["export", "--checkpoint", str(lm), "--out", str(taken), "--overwrite", "--quiet"]) == 0
     assert "keep.txt" not in {p.name for p in taken.iterdir()} and (taken / "step.onnx").is_file()
+
+
+def test_an_adaptive_softmax_model_exports_its_log_probabilities(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(hidden=16, layers=1, softmax="adaptive", cutoffs=[4, 9])
+    model = LanguageModel(config=config, vocab_size=V).eval()
+    step, prefill, names = _graphs(model, tmp_path)
+    for batch, length in ((1, 1), (3, 7)):
+        ids = torch.randint(0, V, (batch, length))
+        state = tuple(torch.randn(1, batch, 16) for _ in names)
+        with torch.no_grad():
+            expected = model(ids, state)
+        assert _max_diff(_run(prefill, ids, state, names), expected) <= 1e-5
+        if length == 1:
+            assert _max_diff(_run(step, ids, state, names), expected) <= 1e-5
+    logits, _ = _run(prefill, ids, state, names)
+    np.testing.assert_allclose(np.exp(logits).sum(-1), 1.0, rtol=1e-5)  # the graph's scores are log-probabilities

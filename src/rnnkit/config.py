@@ -105,6 +105,15 @@ class ModelConfig:
         "for all its time steps (sequence: Keras's recurrent-cell dropout)",
     )
     tie_weights: bool = knob(False, "share the embedding matrix with the output head")
+    softmax: Literal["full", "adaptive"] = knob(
+        "full", "language model output: full softmax over the vocabulary, or adaptive (Grave et al. 2017: the "
+                "frequent words in a small head, rarer ones in narrower clusters; word level, for large "
+                "vocabularies; scores are then log-probabilities)"
+    )
+    cutoffs: list[int] = knob([], "--softmax adaptive: the ids where the shortlist and each cluster end, increasing "
+                                  "(e.g. 2000 10000 or 2000,10000; default: V/16 and V/4 of the V-word vocabulary)")
+    div_value: float = knob(4.0, "--softmax adaptive: each cluster's projection is this many times narrower than "
+                                 "the one before (hidden/4, hidden/16, ...)")
     bidirectional: bool = knob(False, "classifier: read each text both ways")
     pooling: Literal["last", "mean", "max"] = knob("last", "classifier: how the outputs over time become one vector")
     backend: Literal["fused", "scratch"] = knob(
@@ -331,6 +340,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise RnnkitError(f"{source}: '{key}' must be a list, got {value!r}")
+        if item_type is int and all(isinstance(v, str) for v in value):  # "2000,10000" as well as 2000 10000
+            value = [p.strip() for v in value for p in v.split(",")]
         return [_coerce(v, item_type, key, source) for v in value]
     if tp is bool:
         if isinstance(value, bool):
@@ -498,6 +509,23 @@ def load_config(path: str | Path) -> RunConfig:
     return RunConfig.from_dict(load_toml(path), source=str(path))
 
 
+def _check_adaptive(config: RunConfig) -> None:
+    """--softmax adaptive: a word-level language model with an untied head (the cut-offs need V: see the model)."""
+    d, m = config.data, config.model
+    if config.task != "language_model":
+        raise RnnkitError(f"--softmax adaptive is for the language model; --task {config.task} has no vocabulary "
+                          "softmax to approximate")
+    if d.level != "word":
+        # Its clusters must split frequent from rare ids: only word vocabularies are ranked by frequency.
+        raise RnnkitError(f"--softmax adaptive needs --level word (its cut-offs split the frequency-ranked word "
+                          f"ids; {d.level} ids are not ranked by frequency)")
+    if m.tie_weights:
+        raise RnnkitError("--softmax adaptive cannot --tie-weights (its clusters have no single output matrix to "
+                          "share); drop one of the two")
+    if not m.div_value > 1:
+        raise RnnkitError(f"'model.div_value' must be greater than 1, got {m.div_value:g}")
+
+
 def validate(config: RunConfig) -> None:
     """Check value ranges that types alone cannot express."""
     d, m, t = config.data, config.model, config.train
@@ -566,6 +594,8 @@ def validate(config: RunConfig) -> None:
             "text to train on; keep their sum below 0.9"
         )
     check_block(config)
+    if m.softmax == "adaptive":
+        _check_adaptive(config)
     if m.tie_weights:
         if m.input != "embedding":
             raise RnnkitError("--tie-weights needs --input embedding (a one-hot input has no matrix to share)")

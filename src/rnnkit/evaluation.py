@@ -78,11 +78,17 @@ def evaluate_lm(
             t = min(seq_len, stream_len - k)
             index = starts[:, None] + k + np.arange(t + 1)  # (B, t+1)
             chunk = torch.from_numpy(ids[index].astype(np.int64)).to(device)
-            logits, state = model(chunk[:, :-1], state)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum")
+            if getattr(model, "adaptive", False):  # its own loss, which never builds the (B, t, V) log-probs
+                nll, predicted, state = model.nll(chunk[:, :-1], chunk[:, 1:], state)
+                loss = nll.float().sum()
+            else:
+                logits, state = model(chunk[:, :-1], state)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1),
+                                       reduction="sum")
+                predicted = logits.argmax(-1)
             total += loss.item()
             count += chunk[:, 1:].numel()
-            correct += (logits.argmax(-1) == chunk[:, 1:]).sum().item()
+            correct += (predicted == chunk[:, 1:]).sum().item()
     total, count, correct = _sum_over_ranks(group, total, count, correct)
     return total / count, count, correct / count
 
@@ -109,9 +115,14 @@ def _evaluate_windows(model: nn.Module, ids: np.ndarray, *, window: int, batch_s
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             chunk = torch.from_numpy(rows[start : start + batch_size].astype(np.int64)).to(device)
-            logits, _ = model(chunk[:, :-1])
-            total += F.cross_entropy(logits[:, -1].float(), chunk[:, -1], reduction="sum").item()
-            correct += (logits[:, -1].argmax(-1) == chunk[:, -1]).sum().item()
+            if getattr(model, "adaptive", False):
+                nll, predicted, _ = model.nll(chunk[:, :-1], chunk[:, -1])  # (B,) each
+                total += nll.float().sum().item()
+            else:
+                logits, _ = model(chunk[:, :-1])
+                total += F.cross_entropy(logits[:, -1].float(), chunk[:, -1], reduction="sum").item()
+                predicted = logits[:, -1].argmax(-1)
+            correct += (predicted == chunk[:, -1]).sum().item()
     total, correct = _sum_over_ranks(group, total, correct)
     return total / len(every), len(every), correct / len(every)
 

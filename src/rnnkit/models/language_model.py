@@ -9,6 +9,9 @@ The model contract, shared by every model:
 
 * ``forward(ids, state=None) -> (logits, state)`` over a window: ids (B, T),
   logits (B, T, V). The same path whatever T, the mode or the grad setting.
+  With ``softmax = "adaptive"`` the logits are log-probabilities (their softmax
+  is the distribution, as for any logits), and ``nll`` gives the training loss
+  without building them.
 * ``step(ids, state) -> (logits, state)`` for one token per row: ids (B,),
   logits (B, V). ``stepper()`` binds it once (weights laid out for the step,
   see :class:`LanguageModelStep`) for a loop over many tokens, which is what
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.config import ModelConfig
+from rnnkit.models.adaptive import AdaptiveHead, resolve_cutoffs
 from rnnkit.models.blocks import ResidualStack, ResidualStep
 from rnnkit.models.cells import FusedStep, MinStep
 from rnnkit.models.recurrent import Recurrent, State
@@ -55,28 +59,64 @@ class LanguageModel(nn.Module):
         # Whether the bound step looks layer 0's input product up in a (V, G*H) per-token table: the
         # table replaces W_ih (G*H, E) in memory traffic, worth it when it is no bigger (V <= E).
         self.step_uses_table = self.recurrent.steps_from_projection and vocab_size <= input_size
-        self.head = nn.Linear(config.hidden, vocab_size)
-        if config.init == "normal":  # d2l: output weights from N(0, 0.01^2) too, bias zero
-            nn.init.normal_(self.head.weight, 0.0, 0.01)
-            nn.init.zeros_(self.head.bias)
-        if config.init == "keras":  # Keras's Embedding and Dense defaults (the recurrent stack took its own)
-            if self.embedding is not None:
-                nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
-            nn.init.xavier_uniform_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        # Adaptive: the head gives log-probabilities, so scores mean the same for every reader.
+        self.adaptive = config.softmax == "adaptive"
+        self.head: nn.Linear | AdaptiveHead = nn.Linear(config.hidden, vocab_size) if not self.adaptive else (
+            AdaptiveHead(hidden=config.hidden, vocab_size=vocab_size, div_value=config.div_value,
+                         cutoffs=resolve_cutoffs(config.cutoffs, vocab_size, hidden=config.hidden,
+                                                 div_value=config.div_value)))
+        if config.init in ("normal", "keras"):
+            self._init_head(config.init)
         if config.tie_weights:
             assert self.embedding is not None and self.embedding.weight.shape == self.head.weight.shape
             self.head.weight = self.embedding.weight
 
+    def _init_head(self, init: str) -> None:
+        """d2l's normal(0, 0.01) or Keras's Glorot-uniform weights (each linear of an adaptive head), zero biases."""
+        if init == "keras" and self.embedding is not None:  # Keras's Embedding default (the stack took its own)
+            nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
+        linears = [self.head] if isinstance(self.head, nn.Linear) else [m for m in self.head.modules()
+                                                                         if isinstance(m, nn.Linear)]
+        for linear in linears:
+            if init == "normal":
+                nn.init.normal_(linear.weight, 0.0, 0.01)
+            else:
+                nn.init.xavier_uniform_(linear.weight)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embedding is not None:
             return self.embedding(ids)  # (B, T, E)
-        return F.one_hot(ids, self.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
+        return F.one_hot(ids, self.vocab_size).to(next(self.recurrent.parameters()).dtype)  # (B, T, V)
 
-    def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def features(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """The head's input: ids (B, T) -> (B, T, H) outputs of the stack (after dropout) and the new state."""
         x = self.dropout(self.embed(ids))  # (B, T, E)
         out, state = self.recurrent(x, state)  # (B, T, H)
-        return self.head(self.dropout(out)), state
+        return self.dropout(out), state
+
+    def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        out, state = self.features(ids, state)
+        return self.head(out), state
+
+    def nll(self, ids: torch.Tensor, targets: torch.Tensor,
+            state: State | None = None) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """-log p(target), the argmax predictions and the new state, without building (B, T, V) when adaptive.
+
+        ids (B, T); targets (B, T) score every position, (B,) only the last; the
+        losses and predictions have the targets' shape.
+        """
+        out, state = self.features(ids, state)
+        if targets.dim() == 1:
+            out = out[:, -1]  # (B, H)
+        h, y = out.reshape(-1, out.shape[-1]), targets.reshape(-1)  # (N, H), (N,)
+        if isinstance(self.head, AdaptiveHead):
+            nll, predicted = self.head.nll(h, y)
+        else:
+            logits = self.head(h)  # (N, V)
+            nll, predicted = F.cross_entropy(logits.float(), y, reduction="none"), logits.detach().argmax(-1)
+        return nll.view(targets.shape), predicted.view(targets.shape), state
 
     def stepper(self) -> LanguageModelStep:
         """Bind the one-token step to this moment's weights (eval-mode arithmetic); bind again after they change."""
@@ -116,7 +156,8 @@ class LanguageModelStep:
 
     Either way the recurrent part is a :class:`~rnnkit.models.cells.FusedStep`
     (minGRU/minLSTM: a :class:`~rnnkit.models.cells.MinStep`; residual blocks: a
-    :class:`~rnnkit.models.blocks.ResidualStep`, never the table) and the head one ``addmm``. What binding derives from the weights (the
+    :class:`~rnnkit.models.blocks.ResidualStep`, never the table) and the head one ``addmm`` (an adaptive
+    head: its log-probabilities). What binding derives from the weights (the
     table, ``[W_ih | W_hh]^T``, the summed biases) is a copy, so bind again
     after the weights change; what the step uses as it is (the embedding, the
     head, a GRU's weights) is read in place. Eval-mode arithmetic (no
@@ -128,12 +169,17 @@ class LanguageModelStep:
         self.table: torch.Tensor | None = model.input_table() if model.step_uses_table else None  # (V, G*H)
         self.recurrent: FusedStep | MinStep | ResidualStep = model.recurrent.stepper(projected=self.table is not None)
         self.initial_state = model.initial_state
-        # (V,) and (H, V), a transposed view: addmm reads the (V, H) weight as it lies.
-        self.head_b, self.head_w_t = model.head.bias.detach(), model.head.weight.detach().t()
+        self.head = model.head
+        if isinstance(model.head, nn.Linear):
+            # (V,) and (H, V), a transposed view: addmm reads the (V, H) weight as it lies.
+            self.head_b, self.head_w_t = model.head.bias.detach(), model.head.weight.detach().t()
 
     def __call__(self, ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.initial_state(ids.shape[0])
         x = self.embed(ids) if self.table is None else F.embedding(ids, self.table)  # (B, E) or (B, G*H)
         out, state = self.recurrent(x, state)  # (B, H)
-        return torch.addmm(self.head_b, out, self.head_w_t), state
+        if isinstance(self.head, nn.Linear):
+            return torch.addmm(self.head_b, out, self.head_w_t), state
+        with torch.no_grad():
+            return self.head(out), state  # (B, V) log-probabilities

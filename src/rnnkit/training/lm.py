@@ -27,6 +27,7 @@ from rnnkit.data.tokenizers import Tokenizer
 from rnnkit.errors import RnnkitError
 from rnnkit.evaluation import evaluate_lm, lm_metrics
 from rnnkit.generation import generate_ids
+from rnnkit.models.adaptive import resolve_cutoffs
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.models.recurrent import State
 from rnnkit.runtime import distributed
@@ -60,6 +61,9 @@ def lm_forward(model: nn.Module, batch: Batch, state: State | None, device: torc
     """Forward one batch of windows; ``outputs`` keeps the logits and targets for the metrics."""
     x = batch.x.to(device, non_blocking=True)
     y = batch.y.to(device, non_blocking=True)
+    if getattr(model, "adaptive", False):  # the adaptive softmax's own loss: no (B, T, V) tensor at all
+        nll, predicted, state = model.nll(x, y, state)  # (B, T) or (B,) each
+        return Forward(loss=nll.mean(), state=state, outputs=(predicted, y))
     logits, state = model(x, state)  # (B, T, V)
     # lm_loss is looked up at call time, so a test can poison the loss.
     loss = lm_loss(logits, y)
@@ -234,6 +238,9 @@ class LanguageModelTask(WindowTask):
         self.sample_gen = torch.Generator().manual_seed(t.seed)
         self.generators = {"samples": self.sample_gen}
         self.counters = {"best_val_loss": None, "val_loss": None, "train_loss": None, "train_accuracy": None}
+        m = config.model
+        if m.softmax == "adaptive":  # checked before training starts, and recorded: the checkpoints say what they use
+            m.cutoffs = resolve_cutoffs(m.cutoffs, data.tokenizer.vocab_size, hidden=m.hidden, div_value=m.div_value)
 
     def setup(self, session: Session) -> None:
         super().setup(session)
