@@ -40,6 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 import _common as common
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,14 +148,15 @@ def rnnkit_run(work: Path, name: str, recipe: Path, text: Path, held_out: Path, 
     scored, _ = run([*rnnkit, "eval", "--checkpoint", str(out), "--text", str(held_out), "--json", "--threads",
                      str(threads)], cwd=work)
     report = json.loads(scored)
-    trained = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in trained if row.get("event", "step") == "step" and "tokens" in row]
-    tokens = steps[-1]["tokens"] if steps else None
-    train_s = steps[-1].get("elapsed") if steps else None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [row for row in rows if "step" in row and "time" in row][-1]  # the run's final step and its clock
+    data = tomllib.loads((out / "config.toml").read_text())["data"]
+    tokens = last["step"] * data["batch_size"] * data["seq_len"]  # every step trains B x T tokens
+    train_s = last["time"]
     return {"wall_s": round(wall, 1), "tokens": tokens, "train_s": train_s,
             "tokens_per_s": round(tokens / train_s, 1) if tokens and train_s else None,
             "val_nats_per_char": round(report["bits_per_char"] * math.log(2), 4),
-            "val_bits_per_char": round(report["bits_per_char"], 4), "val_chars": report.get("chars")}
+            "val_bits_per_char": round(report["bits_per_char"], 4), "val_tokens": report["tokens"]}
 
 
 def part_tiny(work: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -133,3 +133,21 @@ def test_train_throughput_times_every_cell_asked_for():
     assert result["cells_tokens_per_s"]["lstm"] == result["rnnkit_tokens_per_s"]
     assert result["mingru_vs_lstm"] == round(result["cells_tokens_per_s"]["mingru"] / result["rnnkit_tokens_per_s"], 4)
     assert result["minlstm_vs_lstm"] > 0
+
+
+@pytest.mark.slow
+def test_time_to_quality_quick_run_scores_every_side(shared_corpora):
+    if not (shared_corpora.parent / "peers" / "nanoGPT").is_dir():
+        pytest.skip("the nanoGPT peer is not available beside the corpora")
+    proc = subprocess.run([sys.executable, str(BENCH / "time_to_quality.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    tiny = result["tiny_shakespeare"]
+    assert tiny["nanogpt"]["val_chars"] == 111_539  # every position of val.bin but the last is scored
+    for side in ("lstm_at_nanogpt_time", "fast_at_nanogpt_time", "lstm_at_long", "fast_at_long"):
+        assert 0 < tiny[side]["val_nats_per_char"] < 5 and tiny[side]["tokens"] > 0
+    shakes = result["shakespeare_300s"]
+    assert shakes["plain_loop"]["tokens"] > 0 and shakes["rnnkit"]["tokens_per_s"] > 0
+    assert set(result["targets"]) == {"fast_at_nanogpt_time", "fast_at_long", "plain_loop_bits_ratio",
+                                      "plain_loop_tokens_ratio"}

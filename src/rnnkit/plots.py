@@ -390,8 +390,10 @@ def plot_coloured_text(path: str | Path, panels: Sequence[tuple[str, str, np.nda
         bar = fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
         bar.ax.tick_params(labelsize=7)
         bar.set_label(colour_label, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    if title:  # wrapped to the figure's width (about 10 characters an inch at 11 pt), so a narrow text keeps it
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, max(30, int(fig.get_figwidth() * 10))), fontsize=11)
     return _save_closed(plt, fig, path)
 
 
