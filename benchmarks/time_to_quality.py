@@ -29,6 +29,7 @@ progress goes to stderr. Skips cleanly (a JSON object saying why) without
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -115,7 +116,8 @@ def score_nanogpt(peer: Path, threads: int) -> tuple[float, int]:
         sys.path.remove(str(peer))
     # A pickle nanoGPT wrote itself in this run: the trusted peer file the peers' README allows.
     ckpt = torch.load(peer / "out-shakespeare-char" / "ckpt.pt", map_location="cpu", weights_only=False)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    with contextlib.redirect_stdout(sys.stderr):  # the peer prints its parameter count; stdout is the JSON's
+        model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     model.eval()
     val = np.memmap(peer / "data" / "shakespeare_char" / "val.bin", dtype=np.uint16, mode="r").astype(np.int64)

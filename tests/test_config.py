@@ -81,7 +81,7 @@ def _tiny_data(tmp_path: Path, config: RunConfig) -> list[str]:
         return ["--text", str(path)]
     prefixes = "\n".join(config.train.sample_prefixes)
     path = tmp_path / "tiny.txt"
-    path.write_text(prefixes + "\n" + "The Cat Sat On The Mat. THE DOG SAT ON THE LOG.\n" * 200, encoding="utf-8")
+    path.write_text(prefixes + "\n" + "The Cat Sat On The Mat. THE DOG SAT ON THE LOG.\n" * 600, encoding="utf-8")
     return ["--text", str(path)]
 
 

@@ -162,6 +162,10 @@ SPECIAL = {
     "data.symbols": st.integers(min_value=2, max_value=36),
     "train.live_plot": st.none() | VALID_BY_TYPE[str].map(lambda name: name + ".png"),
     "train.min_lr": st.just(0.0),  # at most train.lr, whatever that is drawn to be
+    "model.mlp_ratio": st.just(0.0),  # an MLP needs model.block = "residual"
+    "model.cutoffs": st.just([]),
+    "model.softmax": st.just("full"),  # adaptive needs data.level = "word" and the language-model task
+    "model.block": st.just("plain"),  # residual refuses the classifier task, which may be drawn  # increasing ids below the vocabulary, which is not known here
 }
 
 
@@ -223,6 +227,9 @@ def _wrong(tp: Any) -> st.SearchStrategy:
         return st.integers() | st.floats() | st.text(max_size=6).filter(
             lambda s: s.lower() not in ("true", "false", "1", "0", "yes", "no"))
     if get_origin(tp) is list:
+        if get_args(tp) == (int,):
+            return st.integers() | st.lists(st.text(min_size=1, max_size=4).filter(_not_a_float), min_size=1,
+                                            max_size=2)
         return st.integers() | st.lists(st.integers(), min_size=1, max_size=2)
     return st.integers() | st.floats() | st.booleans() | st.lists(st.integers(), max_size=2)  # str and str | None
 
