@@ -41,7 +41,7 @@ import _common as common
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from plain_loop import CharLSTM
 
 from rnnkit.config import ModelConfig
 from rnnkit.data.batching import Batch, SequentialStreams
@@ -53,20 +53,6 @@ from rnnkit.training.lm import train_step
 
 TARGET_RATIO = 1.15
 CLIP = 5.0
-
-
-class BareLM(nn.Module):
-    """The textbook model: embedding -> nn.LSTM -> linear head."""
-
-    def __init__(self, vocab: int, hidden: int, layers: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, hidden)
-        self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, x: torch.Tensor, state=None):
-        out, state = self.lstm(self.embedding(x), state)  # (B, T, H)
-        return self.head(out), state  # (B, T, V)
 
 
 def bare_windows(ids: np.ndarray, batch: int, seq_len: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
@@ -102,7 +88,7 @@ def make_rnnkit_side(args, ids: np.ndarray, cell: str = "lstm") -> tuple[Callabl
 
 
 def make_baseline_side(args, ids: np.ndarray) -> tuple[Callable[[], float], int]:
-    model = BareLM(args.vocab, args.hidden, args.layers)
+    model = CharLSTM(args.vocab, args.hidden, args.layers)  # the textbook model: embedding -> nn.LSTM -> linear
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     windows = bare_windows(ids, args.batch, args.seq_len)
     model.train()
