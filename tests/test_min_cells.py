@@ -18,12 +18,14 @@ from rnnkit.models.cells import (
     MinStep,
     log_positive,
     mingru_cell,
+    mingru_coefficients,
+    mingru_coefficients_autograd,
     minlstm_cell,
     positive,
 )
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.models.recurrent import Recurrent, ScanStack, ScratchStack, detach_state
-from rnnkit.models.scan import choose_scan, parallel_scan, sequential_scan
+from rnnkit.models.scan import choose_scan, parallel_scan, sequential_scan, sequential_scan_autograd
 
 MIN = ["mingru", "minlstm"]
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -86,6 +88,29 @@ def test_both_scans_compute_the_recurrence_from_any_initial_state(dtype):
         expected = torch.stack(expected, 1)
         torch.testing.assert_close(sequential_scan(a, b, h0), expected, rtol=0, atol=TOL[dtype] / 10)
         torch.testing.assert_close(parallel_scan(a.log(), b.log(), h0), expected, rtol=0, atol=TOL[dtype])
+
+
+def test_the_hand_written_backwards_pass_gradcheck_and_equal_autograds():
+    torch.manual_seed(5)
+    a = (torch.rand(2, 6, 3, dtype=torch.float64) * 0.9 + 0.05).requires_grad_(True)
+    b = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    before = (a.detach().clone(), b.detach().clone())
+    assert torch.autograd.gradcheck(sequential_scan, (a, b, h0))
+    torch.testing.assert_close((a.detach(), b.detach()), before, rtol=0, atol=0)  # the inputs are not written to
+    gx = (torch.randn(2, 6, 8, dtype=torch.float64) * 2).requires_grad_(True)
+    assert torch.autograd.gradcheck(mingru_coefficients, (gx,))
+    # Through one loss, against autograd's own backward of the same loops; h0 without a gradient too.
+    weights = torch.randn(2, 6, 3, dtype=torch.float64)
+    for needs_h0 in (True, False):
+        got = []
+        for coefficients, scan in ((mingru_coefficients, sequential_scan),
+                                   (mingru_coefficients_autograd, sequential_scan_autograd)):
+            start = h0.detach().clone().requires_grad_(needs_h0)
+            loss = (scan(*coefficients(gx[..., :6]), start) * weights).sum()
+            inputs = [gx, start] if needs_h0 else [gx]
+            got.append(torch.autograd.grad(loss, inputs))
+        torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-12)
 
 
 def _stacks(cell, layers, dtype):

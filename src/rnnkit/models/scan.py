@@ -6,7 +6,8 @@ for the whole window (their gates read x_t only; see
 the window batch-first, (B, T, H), and the state before it, h0 (B, H), and
 return every h_t, (B, T, H); the last row is the final state.
 
-* :func:`sequential_scan`: the elementwise loop, one ``addcmul`` per step.
+* :func:`sequential_scan`: the elementwise loop, one ``addcmul`` per step, with
+  a hand-written backward (the adjoint loop, :class:`_SequentialScan`).
   T small kernels, each over (B, H); on CPU the fastest way (measured 2.7x a
   log-space scan for a 2x512 minGRU, ``shared/PERF-NOTES.md``).
 * :func:`parallel_scan`: Heinsen's log-space scan ("Efficient Parallelization
@@ -32,12 +33,57 @@ SCANS = ("auto", "parallel", "sequential")
 
 def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     """h_t = a_t * h_{t-1} + b_t for t = 1..T: a, b (B, T, H), h0 (B, H) -> (B, T, H)."""
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return sequential_scan_autograd(a, b, h0)  # exporters record plain ops, not a Python Function
+    return _SequentialScan.apply(a, b, h0)
+
+
+def sequential_scan_autograd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The same loop left to autograd (one graph node per step): the reference the fast one is tested against."""
     h = h0
     outputs = []
     for a_t, b_t in zip(a.unbind(1), b.unbind(1), strict=True):  # (B, H) each
         h = torch.addcmul(b_t, a_t, h)  # b_t + a_t * h
         outputs.append(h)
     return torch.stack(outputs, dim=1)
+
+
+class _SequentialScan(torch.autograd.Function):
+    """:func:`sequential_scan` with a hand-written backward: two loops of T ``addcmul``s, no per-step graph.
+
+    Forward walks time-major copies of a and b, writing each h_t into one
+    preallocated (T, B, H) tensor. Backward runs the adjoint recurrence
+    backwards, g_t = dL/dh_t (from the output) + a_{t+1} * g_{t+1}; then
+    dL/db_t = g_t, dL/da_t = g_t * h_{t-1} and dL/dh0 = a_1 * g_1, the last
+    two as one elementwise product each over the window.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        a_t = a.transpose(0, 1).contiguous()  # (T, B, H): each step a contiguous (B, H) block
+        out = b.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # becomes h, step by step, in place of b_t
+        h = h0
+        for t in range(out.shape[0]):
+            h = out[t].addcmul_(a_t[t], h)  # h_t = b_t + a_t * h_{t-1}
+        ctx.save_for_backward(a_t, out, h0)
+        return out.transpose(0, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        a_t, out, h0 = ctx.saved_tensors
+        g = grad.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (T, B, H), turned into dL/dh_t in place
+        for t in range(g.shape[0] - 2, -1, -1):
+            g[t].addcmul_(a_t[t + 1], g[t + 1])
+        grad_a = grad_h0 = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.empty_like(g)  # g_t * h_{t-1}, written in two pieces (a cat of h measured slow)
+            torch.mul(g[0], h0, out=grad_a[0])
+            torch.mul(g[1:], out[:-1], out=grad_a[1:])
+            grad_a = grad_a.transpose(0, 1)
+        if ctx.needs_input_grad[2]:
+            grad_h0 = a_t[0] * g[0]
+        return grad_a, g.transpose(0, 1) if ctx.needs_input_grad[1] else None, grad_h0
 
 
 def parallel_scan(log_a: torch.Tensor, log_b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
