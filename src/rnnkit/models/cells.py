@@ -170,16 +170,12 @@ class _MinGRUCoefficients(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_a: torch.Tensor | None, grad_b: torch.Tensor | None) -> torch.Tensor:  # noqa: D102
+    def backward(ctx, grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        # Both gradients arrive as tensors: autograd materialises an unused output's as zeros.
         z, g, k_h = ctx.saved_tensors
         grad = torch.empty((*z.shape[:-1], 2 * z.shape[-1]), dtype=z.dtype, device=z.device)
         grad_kz, grad_kh = grad.chunk(2, dim=-1)
-        if grad_b is None:
-            grad_b = torch.zeros_like(z)
-        torch.mul(grad_b, g, out=grad_kz)
-        if grad_a is not None:
-            grad_kz.sub_(grad_a)
-        grad_kz.mul_(z).mul_(1 - z)
+        torch.mul(grad_b, g, out=grad_kz).sub_(grad_a).mul_(z).mul_(1 - z)
         slope = (1 - g).mul_(g).masked_fill_(k_h >= 0, 1.0)  # g'(k_h)
         torch.mul(grad_b, z, out=grad_kh).mul_(slope)
         return grad

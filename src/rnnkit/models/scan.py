@@ -54,8 +54,8 @@ class _SequentialScan(torch.autograd.Function):
     Forward walks time-major copies of a and b, writing each h_t into one
     preallocated (T, B, H) tensor. Backward runs the adjoint recurrence
     backwards, g_t = dL/dh_t (from the output) + a_{t+1} * g_{t+1}; then
-    dL/db_t = g_t, dL/da_t = g_t * h_{t-1} and dL/dh0 = a_1 * g_1, the last
-    two as one elementwise product each over the window.
+    dL/db_t = g_t, dL/da_t = g_t * h_{t-1} (one product over the window) and
+    dL/dh0 = a_1 * g_1.
     """
 
     @staticmethod
