@@ -25,7 +25,14 @@ from rnnkit.models.cells import (
 )
 from rnnkit.models.language_model import LanguageModel
 from rnnkit.models.recurrent import Recurrent, ScanStack, ScratchStack, detach_state
-from rnnkit.models.scan import choose_scan, parallel_scan, sequential_scan, sequential_scan_autograd
+from rnnkit.models.scan import (
+    choose_scan,
+    mingru_scan_time_major,
+    parallel_scan,
+    sequential_scan,
+    sequential_scan_autograd,
+    sequential_scan_time_major,
+)
 
 MIN = ["mingru", "minlstm"]
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -248,3 +255,104 @@ def test_an_old_config_without_scan_loads_with_auto():
     data["model"]["cell"] = "mingru"
     config = RunConfig.from_dict(data)
     assert config.model.cell == "mingru" and config.model.scan == "auto"
+
+
+def test_the_fused_mingru_layer_gradchecks_and_equals_its_two_parts():
+    torch.manual_seed(8)
+    gx = (torch.randn(6, 2, 8, dtype=torch.float64) * 2).requires_grad_(True)  # (T, B, 2H), time-major
+    h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    before = gx.detach().clone()
+    assert torch.autograd.gradcheck(mingru_scan_time_major, (gx, h0))
+    torch.testing.assert_close(gx.detach(), before, rtol=0, atol=0)  # the input is not written to
+    weights = torch.randn(6, 2, 4, dtype=torch.float64)
+    for needs_h0 in (True, False):
+        got = []
+        for run in (mingru_scan_time_major,
+                    lambda g, h: sequential_scan_time_major(*mingru_coefficients_autograd(g), h)):
+            start = h0.detach().clone().requires_grad_(needs_h0)
+            out = run(gx, start)
+            loss = (out * weights).sum()
+            got.append((out.detach(), *torch.autograd.grad(loss, [gx, start] if needs_h0 else [gx])))
+        torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-12)
+    # Time-major and batch-first scans are one function.
+    a, b = (torch.rand(6, 2, 4, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(sequential_scan_time_major(a, b, h0.detach()),
+                               sequential_scan(a.transpose(0, 1), b.transpose(0, 1), h0.detach()).transpose(0, 1),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("input_kind", ["embedding", "onehot"])
+@pytest.mark.parametrize("cell", MIN)
+def test_a_window_gathered_from_the_input_table_equals_the_layer_product(cell, input_kind):
+    """Plain minGRU/minLSTM language models gather layer 0's input product per token when it is cheaper."""
+    torch.manual_seed(9)
+    model = LanguageModel(config=ModelConfig(cell=cell, hidden=8, layers=2, input=input_kind), vocab_size=5)
+    model.double()
+    ids = torch.randint(0, 5, (3, 7))  # 21 tokens >= twice the vocabulary: the table applies
+    state = tuple(torch.randn(2, 3, 8, dtype=torch.float64) for _ in range(1))
+    assert model.window_table(ids) is not None
+    assert model.window_table(ids[:1, :9 // 2]) is None  # 4 tokens < 10: the product is cheaper
+
+    def run(gathered: bool):
+        model.zero_grad()
+        if gathered:
+            out, final = model.features(ids, state)
+        else:  # the stack on the embedded window, as every other model runs
+            out, final = model.recurrent(model.embed(ids), state)
+        ((out * torch.linspace(-1, 1, 8, dtype=out.dtype)).sum() + final[0].pow(2).sum()).backward()
+        return out.detach(), final[0].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}
+
+    out, final, grads = run(True)
+    want_out, want_final, want_grads = run(False)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(final, want_final, rtol=0, atol=1e-12)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_the_input_table_is_skipped_where_it_would_change_the_function():
+    ids = torch.randint(0, 5, (3, 7))
+    dropped = LanguageModel(config=ModelConfig(cell="mingru", hidden=8, layers=1, dropout=0.2), vocab_size=5)
+    assert dropped.window_table(ids) is None  # training: dropout falls between the embedding and layer 0
+    dropped.eval()
+    assert dropped.window_table(ids) is not None  # evaluation: no dropout, so the same function
+    for config in (ModelConfig(cell="mingru", hidden=8, layers=1, block="residual"),  # a norm comes first
+                   ModelConfig(cell="lstm", hidden=8, layers=1),
+                   ModelConfig(cell="mingru", hidden=8, layers=1, backend="scratch")):
+        assert LanguageModel(config=config, vocab_size=5).window_table(ids) is None
+
+
+def test_the_cpu_gemm_choice_and_its_onednn_product(monkeypatch):
+    from rnnkit.errors import RnnkitError
+    from rnnkit.models import gemm
+
+    torch.manual_seed(10)
+    x = torch.randn(3, 40, 16, requires_grad=True)  # 120 rows: a product big enough to route
+    w = torch.randn(24, 16, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    weights = torch.randn(3, 40, 24)
+
+    def grads():
+        out = gemm.linear(x, w, b)
+        return (out.detach(), *torch.autograd.grad((out * weights).sum(), [x, w, b]))
+
+    monkeypatch.setenv("RNNKIT_GEMM", "blas")
+    assert gemm.cpu_gemm() == "blas"
+    want = grads()
+    reference = F.linear(x, w, b).detach()
+    torch.testing.assert_close(want[0], reference, rtol=0, atol=0)  # blas: F.linear itself
+    monkeypatch.setenv("RNNKIT_GEMM", "onednn")
+    if not gemm._onednn_linear_available():
+        assert gemm.cpu_gemm() == "blas"  # a build without oneDNN's operator falls back
+    else:
+        assert gemm.cpu_gemm() == "onednn"
+        for got, expected in zip(grads(), want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("RNNKIT_GEMM", "auto")
+    assert gemm.cpu_gemm() == ("onednn" if gemm._cpu_vendor() == "AuthenticAMD"
+                               and gemm._onednn_linear_available() else "blas")
+    monkeypatch.setenv("RNNKIT_GEMM", "fastest")
+    with pytest.raises(RnnkitError, match="RNNKIT_GEMM must be one of auto, onednn, blas"):
+        gemm.cpu_gemm()

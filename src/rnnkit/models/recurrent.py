@@ -49,7 +49,8 @@ from rnnkit.models.cells import (
     lstm_cell,
     rnn_cell,
 )
-from rnnkit.models.scan import SCANS, choose_scan, parallel_scan, sequential_scan
+from rnnkit.models.gemm import linear
+from rnnkit.models.scan import SCANS, choose_scan, mingru_scan_time_major, parallel_scan, sequential_scan_time_major
 
 __all__ = ["BACKENDS", "CELLS", "Recurrent", "ScanStack", "ScratchStack", "State", "detach_state"]
 
@@ -202,18 +203,39 @@ class ScanStack(ScratchStack):
         super().__init__(cell=cell, input_size=input_size, hidden=hidden, layers=layers, dropout=dropout)
         self.scan = scan
 
-    def _min_layer(self, x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor,
-                   b_ih: torch.Tensor) -> tuple[torch.Tensor, State]:
-        # (B, T, G*H), then at the state's precision: under bf16/fp16 autocast the GEMM runs in half
-        # precision but the gates and the scan (a cumsum over T in log space) stay in float32.
-        gx = F.linear(x, w_ih, b_ih).to(h.dtype)
-        if choose_scan(self.scan, x.device) == "parallel":
-            log_a, log_b = LOG_COEFFICIENTS[self.cell](gx)  # (B, T, H) each
-            out = parallel_scan(log_a, log_b, h)
-        else:
-            a, b = COEFFICIENTS[self.cell](gx)  # (B, T, H) each
-            out = sequential_scan(a, b, h)
-        return out, (out[:, -1],)
+    def forward(self, x: torch.Tensor | None, state: State, *,
+                projected: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """x (B, T, I) -> outputs (B, T, H) and the final state; or, with ``projected``, layer 0's
+        ``W_ih x + b_ih`` given time-major, (T, B, G*H), in place of x and of layer 0's GEMM."""
+        parallel = choose_scan(self.scan, (x if projected is None else projected).device) == "parallel"
+        # The parallel scan is a cumsum over T, so its layers stay batch-first. The sequential scan
+        # walks time, so the window goes time-major once, (T, B, .), and every layer's GEMM, gates
+        # and scan read and write contiguous (T, B, .) tensors; the outputs go back batch-first as a
+        # view. Measured on a 2x512 minGRU step: the transposing copies that batch-first layers made
+        # around each scan (and the strided elementwise work behind them) cost more than the scan.
+        if projected is not None:
+            x = projected.transpose(0, 1) if parallel else projected
+        elif not parallel:
+            x = x.transpose(0, 1)
+        finals = []
+        for k in range(self.num_layers):
+            if k > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)  # between layers only
+            w_ih, _, b_ih, _ = self.layer_weights(k)
+            h = state[0][k]
+            # (., ., G*H), then at the state's precision: under bf16/fp16 autocast the GEMM runs in
+            # half precision but the gates and the scan stay in float32.
+            gx = (x if k == 0 and projected is not None else linear(x, w_ih, b_ih)).to(h.dtype)
+            if parallel:
+                x = parallel_scan(*LOG_COEFFICIENTS[self.cell](gx), h)  # (B, T, H)
+                finals.append(x[:, -1])
+            else:
+                if self.cell == "mingru":
+                    x = mingru_scan_time_major(gx, h)  # (T, B, H): gates and scan as one autograd node
+                else:
+                    x = sequential_scan_time_major(*COEFFICIENTS[self.cell](gx), h)
+                finals.append(x[-1])
+        return (x if parallel else x.transpose(0, 1)), (torch.stack(finals),)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scan={self.scan!r}"
@@ -279,8 +301,24 @@ class Recurrent(nn.Module):
         """Layer k's (weight_ih, weight_hh, bias_ih, bias_hh), whichever the backend; minGRU/minLSTM: hh are None."""
         return tuple(getattr(self.rnn, f"{name}_l{k}", None) for name in _WEIGHT_NAMES)  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """The whole window x (B, T, I) -> outputs (B, T, H) and the final state, on the backend's module."""
+    @property
+    def takes_projected(self) -> bool:
+        """Whether :meth:`forward` can take layer 0's input product for x (``projected``): minGRU/minLSTM's scan stack."""
+        return isinstance(self.rnn, ScanStack)
+
+    def forward(self, x: torch.Tensor | None, state: State | None = None, *,
+                projected: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """The whole window x (B, T, I) -> outputs (B, T, H) and the final state, on the backend's module.
+
+        With ``projected`` (only where :attr:`takes_projected`), x is None and layer 0's
+        ``W_ih x + b_ih`` comes time-major, (T, B, G*H), already computed.
+        """
+        if projected is not None:
+            if not self.takes_projected:
+                raise ValueError(f"a {self.backend} {self.cell} stack takes its input, not a projected one")
+            if state is None:
+                state = self.initial_state(projected.shape[1], device=projected.device)
+            return self.rnn(None, state, projected=projected)
         if state is None:
             state = self.initial_state(x.shape[0], device=x.device, dtype=x.dtype)
         if self.backend == "scratch" or self.cell in MINIMAL:
