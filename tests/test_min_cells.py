@@ -356,3 +356,17 @@ def test_the_cpu_gemm_choice_and_its_onednn_product(monkeypatch):
     monkeypatch.setenv("RNNKIT_GEMM", "fastest")
     with pytest.raises(RnnkitError, match="RNNKIT_GEMM must be one of auto, onednn, blas"):
         gemm.cpu_gemm()
+
+
+def test_a_bad_gemm_setting_is_a_one_line_error_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from rnnkit.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question\n" * 40, encoding="utf-8")
+    monkeypatch.setenv("RNNKIT_GEMM", "fast")
+    out = tmp_path / "run"
+    assert main(["train", "--text", str(text), "--model", "mingru", "--hidden", "8", "--out", str(out),
+                 "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rnnkit: error: RNNKIT_GEMM must be one of auto, onednn, blas, got 'fast'"]
+    assert not out.exists()

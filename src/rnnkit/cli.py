@@ -524,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from rnnkit.models.gemm import cpu_gemm
+
+        cpu_gemm()  # a bad RNNKIT_GEMM fails here, before a run directory exists
         return args.func(args)
     except WrongTask as exc:
         return _report(RnnkitError(f"{exc}; pass a run trained with --task {exc.needed}"))

@@ -78,13 +78,13 @@ class LanguageModel(nn.Module):
             nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
         linears = [self.head] if isinstance(self.head, nn.Linear) else [m for m in self.head.modules()
                                                                          if isinstance(m, nn.Linear)]
-        for linear in linears:
+        for layer in linears:
             if init == "normal":
-                nn.init.normal_(linear.weight, 0.0, 0.01)
+                nn.init.normal_(layer.weight, 0.0, 0.01)
             else:
-                nn.init.xavier_uniform_(linear.weight)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+                nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embedding is not None:
