@@ -53,6 +53,11 @@ class DataConfig:
     min_freq: int = knob(1, "word level: words seen fewer times become <unk>")
     max_vocab: int = knob(0, "word level: keep at most this many tokens, specials included (0: no limit)")
     vocab_size: int = knob(2000, "bpe level: vocabulary size to train")
+    bpe_sample_mb: float = knob(
+        4.0, "bpe level: train the vocabulary on about this many MB of the text, taken in whole lines from 16 "
+              "places spread over it (a longer text is still read whole and encoded whole; 0: train on all of it)",
+        metavar="MB",
+    )
     encoding: str = knob("utf-8", "text encoding of --text")
     val_fraction: float = knob(0.05, "fraction of the text (its tail) held out for validation")
     test_fraction: float = knob(0.0, "fraction of the text (the very end) held out for testing")
@@ -549,6 +554,7 @@ def validate(config: RunConfig) -> None:
         "model.embedding_dim": m.embedding_dim,
         "data.window": d.window,
         "data.max_vocab": d.max_vocab,
+        "data.bpe_sample_mb": d.bpe_sample_mb,
         "train.patience": t.patience,
         "train.clip": t.clip,
         "train.weight_decay": t.weight_decay,

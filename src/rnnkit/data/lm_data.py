@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,8 +114,11 @@ def split_ids(ids: np.ndarray, *, val_fraction: float, test_fraction: float) -> 
 
 def _settings(config: DataConfig) -> list[Any]:
     # Everything that changes the ids: the tokenizer's settings and the split.
-    return [config.level, config.lowercase, config.eos, config.min_freq, config.max_vocab, config.vocab_size,
-            config.val_fraction, config.test_fraction, config.encoding]
+    settings = [config.level, config.lowercase, config.eos, config.min_freq, config.max_vocab, config.vocab_size,
+                config.val_fraction, config.test_fraction, config.encoding]
+    if config.level == "bpe":
+        settings.append(config.bpe_sample_mb)
+    return settings
 
 
 def _key(settings: list[Any], stat: list[list[Any]], sha256: str) -> str:
@@ -259,6 +262,49 @@ def _staging_folder(cache_dir: Path | None) -> Path:
         return Path(tempfile.mkdtemp(prefix="rnnkit-ids-"))  # not writable there: the cache will be copied in
 
 
+# The BPE vocabulary of a text longer than --bpe-sample-mb is trained on this many stretches spread over it.
+SAMPLE_PLACES = 16
+
+
+def sample_windows(total: int, budget: int) -> list[tuple[int, int]]:
+    """Byte ranges of a ``total``-byte text that sum to about ``budget``: all of it when it is no longer."""
+    if budget <= 0 or total <= budget:
+        return [(0, total)]
+    width = budget // SAMPLE_PLACES
+    return [(k * total // SAMPLE_PLACES, k * total // SAMPLE_PLACES + width) for k in range(SAMPLE_PLACES)]
+
+
+def sample_text(pieces: Iterable[tuple[str, int]], windows: list[tuple[int, int]]) -> Iterator[str]:
+    """The text of ``pieces`` that lies in the byte ranges ``windows``, in whole lines; every piece is read.
+
+    Each piece comes with the byte offset where it ends; a byte offset inside
+    a piece is taken proportionally to its characters. A range that begins
+    inside a piece begins after the next line end, and one that ends inside a
+    piece ends after the next line end, so no line is cut except where a line
+    runs over a piece's end. One range from the start gives the whole text, unchanged.
+    """
+    if len(windows) == 1 and windows[0][0] == 0:
+        yield from (text for text, _ in pieces)
+        return
+    begin = 0
+    for text, end in pieces:
+        span = max(end - begin, 1)
+        for low, high in windows:
+            a, b = max(low, begin), min(high, end)
+            if a >= b or not text:
+                continue
+            i = (a - begin) * len(text) // span
+            j = (b - begin) * len(text) // span if b < end else len(text)
+            if a == low and low > 0:  # the range starts here: at the start of a line (if the piece has one)
+                i = text.find("\n", i) + 1 or i
+            if b < end:
+                j = text.find("\n", j)
+                j = len(text) if j < 0 else j + 1
+            if i < j:
+                yield text[i:j]
+        begin = end
+
+
 def _changed(source: str) -> RnnkitError:
     return RnnkitError(f"{source} changed while it was being read (between the vocabulary and the encoding "
                        "pass); run again once nothing writes to it")
@@ -294,14 +340,26 @@ def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: l
             provisional = out.count
             tokenizer, word_final = counter.tokenizer(min_freq=config.min_freq, max_vocab=config.max_vocab)
         elif level == "bpe":
-            def counted() -> Iterator[str]:
+            read = 0
+
+            def advance(count: int) -> None:
+                nonlocal read
+                read += count
+                bar.advance(count)
+
+            pieces = files.pieces(digest=first, on_bytes=advance)
+
+            def counted() -> Iterator[tuple[str, int]]:
                 nonlocal chars
                 for piece in pieces:
                     chars += len(piece)
-                    yield piece
+                    yield piece, read
+
+            windows = sample_windows(total, int(config.bpe_sample_mb * 1e6))
 
             try:
-                tokenizer = BPETokenizer.fit_stream(counted(), vocab_size=config.vocab_size, lowercase=config.lowercase)
+                tokenizer = BPETokenizer.fit_stream(sample_text(counted(), windows), vocab_size=config.vocab_size,
+                                                    lowercase=config.lowercase)
             except Exception as exc:  # the trainer hands on what the stream raised, sometimes wrapped
                 cause = exc if isinstance(exc, RnnkitError) else exc.__cause__ or exc.__context__
                 if isinstance(cause, RnnkitError):

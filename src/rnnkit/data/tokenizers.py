@@ -533,6 +533,7 @@ class BPETokenizer:
         self.lowercase = lowercase
         self.counts = counts
         self._vocab = {i: t for t, i in self.hf.get_vocab().items()}
+        self._fast: Any = None  # the FastByteLevelBPE, made on first need (False: this tokenizer has none)
 
     @classmethod
     def fit(cls, text: str, *, vocab_size: int = 2000, lowercase: bool = False) -> BPETokenizer:
@@ -571,9 +572,32 @@ class BPETokenizer:
 
     def encode_chunks(self, chunks: list[str]) -> np.ndarray:
         """The ids of the chunks of a text (as :func:`_chunks` cuts it), concatenated (lower-cased when asked)."""
-        dtype = ids_dtype(self.vocab_size)
         if self.lowercase:
             chunks = [c.lower() for c in chunks]
+        if sum(map(len, chunks)) >= _FAST_MIN_CHARS and self._fast_encoder():
+            return self._fast.encode_chunks(chunks, ids_dtype(self.vocab_size))
+        return self._hf_ids(chunks)
+
+    def encode_batches(self, batches: Iterable[list[str]]) -> Iterator[np.ndarray]:
+        """:meth:`encode_chunks` of each batch of chunks, in order (a long text's stream)."""
+        fast = self._fast_encoder()
+        if self.lowercase:
+            batches = ([c.lower() for c in chunks] for chunks in batches)
+        if fast:
+            yield from fast.encode_batches(batches, ids_dtype(self.vocab_size))
+            return
+        for chunks in batches:
+            yield self._hf_ids(chunks)
+
+    def _fast_encoder(self) -> Any:
+        if self._fast is None:
+            from rnnkit.data.bpe_fast import FastByteLevelBPE
+
+            self._fast = FastByteLevelBPE.for_tokenizer(self.hf) or False
+        return self._fast
+
+    def _hf_ids(self, chunks: list[str]) -> np.ndarray:
+        dtype = ids_dtype(self.vocab_size)
         parts = self.hf.encode_batch(chunks, add_special_tokens=False)
         return np.concatenate([np.asarray(e.ids, dtype=dtype) for e in parts]) if parts else np.zeros(0, dtype)
 
@@ -641,9 +665,22 @@ def _flag(data: dict[str, Any], key: str) -> bool:
     return value
 
 
-# Chunks of about 64k characters handed to the BPE encoder at a time: it encodes them in parallel, and
-# each chunk's Encoding (ids, offsets, token strings) takes ~100 bytes a token until it is read.
-_BPE_BATCH = 8
+# Chunks of about 64k characters handed to the BPE encoder at a time (bpe_fast's arrays take ~60 bytes a
+# character of the batch; `tokenizers`' Encoding ~100 bytes a token until it is read).
+_BPE_BATCH = 16
+# Texts at least this long are encoded by bpe_fast (the same ids, faster where words repeat).
+_FAST_MIN_CHARS = 1 << 16
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str], *, unknown: Unknown | None = None) -> Iterator[np.ndarray]:
@@ -655,14 +692,7 @@ def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str], *, unknown: Unkno
     names what the first piece with unknown tokens lacks.
     """
     if isinstance(tokenizer, BPETokenizer):
-        batch: list[str] = []
-        for chunk in _stream_chunks(pieces):
-            batch.append(chunk)
-            if len(batch) == _BPE_BATCH:
-                yield tokenizer.encode_chunks(batch)
-                batch = []
-        if batch:
-            yield tokenizer.encode_chunks(batch)
+        yield from tokenizer.encode_batches(_batched(_stream_chunks(pieces), _BPE_BATCH))
         return
     if isinstance(tokenizer, WordTokenizer):
         pieces = cut_after_space(pieces)
