@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import unicodedata
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -42,7 +43,7 @@ _TWO_LETTERS = tuple((ord(a), ord(b)) for a, b in ("re", "ve", "ll"))
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _BASE = 0x100000001B3  # odd, so invertible modulo 2**64
 # Pieces kept before the store is emptied (and built up again): bounds the memory of a text with no repeats.
-MAX_PIECES = 2_000_000
+MAX_PIECES = 1_000_000
 # New pieces are sent to `tokenizers` in texts of this many.
 _GROUP = 1 << 14
 
@@ -128,16 +129,17 @@ class _Powers:
     """BASE**i and its inverse modulo 2**64 for i < n, grown on demand."""
 
     def __init__(self) -> None:
-        self.up = np.ones(1, dtype=np.uint64)
-        self.down = np.ones(1, dtype=np.uint64)
+        self._both = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
 
     def get(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.up) < n:
-            size = max(n, 2 * len(self.up))
+        up, down = self._both  # one read: a thread that grows them meanwhile replaces the pair whole
+        if len(up) < n:
+            size = max(n, 2 * len(up))
             inverse = pow(_BASE, -1, 1 << 64)
-            self.up = np.concatenate([[np.uint64(1)], np.cumprod(np.full(size - 1, _BASE, dtype=np.uint64))])
-            self.down = np.concatenate([[np.uint64(1)], np.cumprod(np.full(size - 1, inverse, dtype=np.uint64))])
-        return self.up[:n], self.down[:n]
+            up = np.concatenate([[np.uint64(1)], np.cumprod(np.full(size - 1, _BASE, dtype=np.uint64))])
+            down = np.concatenate([[np.uint64(1)], np.cumprod(np.full(size - 1, inverse, dtype=np.uint64))])
+            self._both = (up, down)
+        return up[:n], down[:n]
 
 
 class _HashTable:
@@ -237,6 +239,7 @@ class FastByteLevelBPE:
         self.hf = hf
         self.classes = char_classes()
         self._powers = _Powers()
+        self._lock = threading.Lock()  # the store: one batch at a time (a server encodes in threads)
         self._reset()
 
     @classmethod
@@ -294,6 +297,10 @@ class FastByteLevelBPE:
 
     def _finish(self, batch: _Batch, dtype: np.dtype) -> np.ndarray:
         """The ids of a split batch, from the stored pieces (new pieces are encoded and stored)."""
+        with self._lock:
+            return self._finish_locked(batch, dtype)
+
+    def _finish_locked(self, batch: _Batch, dtype: np.dtype) -> np.ndarray:
         if not batch.text:
             return np.zeros(0, dtype=dtype)
         if batch.hashes is None:
