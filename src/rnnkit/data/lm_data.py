@@ -319,7 +319,11 @@ def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: l
     chars = 0
     word_final: np.ndarray | None = None
     provisional = 0
-    with ByteProgress(f"pass 1/2, {level} vocabulary", total, log=log, live=live) as bar:
+    label = f"pass 1/2, {level} vocabulary"
+    windows = sample_windows(total, int(config.bpe_sample_mb * 1e6))
+    if level == "bpe" and len(windows) > 1:
+        label += f" (trained on {config.bpe_sample_mb:g} MB of the text from {len(windows)} places: --bpe-sample-mb)"
+    with ByteProgress(label, total, log=log, live=live) as bar:
         pieces = files.pieces(digest=first, on_bytes=bar.advance)
         if level == "char":
             seen = CharSet()
@@ -354,8 +358,6 @@ def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: l
                 for piece in pieces:
                     chars += len(piece)
                     yield piece, read
-
-            windows = sample_windows(total, int(config.bpe_sample_mb * 1e6))
 
             try:
                 tokenizer = BPETokenizer.fit_stream(sample_text(counted(), windows), vocab_size=config.vocab_size,
