@@ -310,65 +310,71 @@ def _changed(source: str) -> RnnkitError:
                        "pass); run again once nothing writes to it")
 
 
+def _vocabulary_pass(files: corpora.TextFiles, config: DataConfig, *, digest: Any, bar: ByteProgress, staging: Path,
+                     windows: list[tuple[int, int]]) -> tuple[Tokenizer, int, np.ndarray | None, int]:
+    """Pass one: the tokenizer and the text's characters; word level also its provisional ids.
+
+    Returns (tokenizer, characters, word level's final number of each provisional id
+    or None, how many provisional ids ``staging/pieces.npy`` holds).
+    """
+    level = config.level
+    chars = 0
+    if level == "char":
+        seen = CharSet()
+        for piece in files.pieces(digest=digest, on_bytes=bar.advance):
+            chars += len(piece)
+            for part in char_pieces(piece, lowercase=config.lowercase):  # what `encode` will see
+                seen.add(part)
+        return CharTokenizer(chars=seen.sorted(), lowercase=config.lowercase), chars, None, 0
+    if level == "word":
+        counter = WordCounter(lowercase=config.lowercase, eos=config.eos)
+        out = IdsWriter(staging / "pieces.npy", np.dtype(np.uint32))
+        try:
+            for piece in cut_after_space(files.pieces(digest=digest, on_bytes=bar.advance)):
+                chars += len(piece)
+                out.write(counter.add(piece))
+        finally:
+            out.close()
+        tokenizer, final = counter.tokenizer(min_freq=config.min_freq, max_vocab=config.max_vocab)
+        return tokenizer, chars, final, out.count
+    if level != "bpe":
+        raise RnnkitError(f"unknown tokenization level {level!r} (choose: char, word, bpe)")
+    read = 0
+
+    def advance(count: int) -> None:
+        nonlocal read
+        read += count
+        bar.advance(count)
+
+    def counted() -> Iterator[tuple[str, int]]:
+        nonlocal chars
+        for piece in files.pieces(digest=digest, on_bytes=advance):
+            chars += len(piece)
+            yield piece, read
+
+    try:
+        tokenizer = BPETokenizer.fit_stream(sample_text(counted(), windows), vocab_size=config.vocab_size,
+                                            lowercase=config.lowercase)
+    except Exception as exc:  # the trainer hands on what the stream raised, sometimes wrapped
+        cause = exc if isinstance(exc, RnnkitError) else exc.__cause__ or exc.__context__
+        if isinstance(cause, RnnkitError):
+            raise cause from None
+        raise
+    return tokenizer, chars, None, 0
+
+
 def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: list[list[Any]], staging: Path,
            log: Log | None, live: bool | None) -> tuple[Tokenizer, str, int]:
     """Both passes into ``staging/ids.npy``: the tokenizer (with counts), the text's sha256, its characters."""
     total = sum(size for _, size, _ in stat)
-    level = config.level
     first = hashlib.sha256()
-    chars = 0
-    word_final: np.ndarray | None = None
-    provisional = 0
-    label = f"pass 1/2, {level} vocabulary"
+    label = f"pass 1/2, {config.level} vocabulary"
     windows = sample_windows(total, int(config.bpe_sample_mb * 1e6))
-    if level == "bpe" and len(windows) > 1:
+    if config.level == "bpe" and len(windows) > 1:
         label += f" (trained on {config.bpe_sample_mb:g} MB of the text from {len(windows)} places: --bpe-sample-mb)"
     with ByteProgress(label, total, log=log, live=live) as bar:
-        pieces = files.pieces(digest=first, on_bytes=bar.advance)
-        if level == "char":
-            seen = CharSet()
-            for piece in pieces:
-                chars += len(piece)
-                for part in char_pieces(piece, lowercase=config.lowercase):  # what `encode` will see
-                    seen.add(part)
-            tokenizer: Tokenizer = CharTokenizer(chars=seen.sorted(), lowercase=config.lowercase)
-        elif level == "word":
-            counter = WordCounter(lowercase=config.lowercase, eos=config.eos)
-            out = IdsWriter(staging / "pieces.npy", np.dtype(np.uint32))
-            try:
-                for piece in cut_after_space(pieces):
-                    chars += len(piece)
-                    out.write(counter.add(piece))
-            finally:
-                out.close()
-            provisional = out.count
-            tokenizer, word_final = counter.tokenizer(min_freq=config.min_freq, max_vocab=config.max_vocab)
-        elif level == "bpe":
-            read = 0
-
-            def advance(count: int) -> None:
-                nonlocal read
-                read += count
-                bar.advance(count)
-
-            pieces = files.pieces(digest=first, on_bytes=advance)
-
-            def counted() -> Iterator[tuple[str, int]]:
-                nonlocal chars
-                for piece in pieces:
-                    chars += len(piece)
-                    yield piece, read
-
-            try:
-                tokenizer = BPETokenizer.fit_stream(sample_text(counted(), windows), vocab_size=config.vocab_size,
-                                                    lowercase=config.lowercase)
-            except Exception as exc:  # the trainer hands on what the stream raised, sometimes wrapped
-                cause = exc if isinstance(exc, RnnkitError) else exc.__cause__ or exc.__context__
-                if isinstance(cause, RnnkitError):
-                    raise cause from None
-                raise
-        else:
-            raise RnnkitError(f"unknown tokenization level {level!r} (choose: char, word, bpe)")
+        tokenizer, chars, word_final, provisional = _vocabulary_pass(files, config, digest=first, bar=bar,
+                                                                     staging=staging, windows=windows)
     sha = first.hexdigest()
     if [list(f) for f in files.stat()] != stat:
         raise _changed(source)
