@@ -18,7 +18,7 @@ from rnnkit.cli import main
 from rnnkit.config import DataConfig, ModelConfig
 from rnnkit.data import corpora, lm_data
 from rnnkit.data.batching import RandomWindows, SequentialStreams
-from rnnkit.data.lm_data import IdsWriter, encode_text, prepare_lm_data, save_lm_cache, split_ids
+from rnnkit.data.lm_data import Behind, IdsWriter, encode_text, prepare_lm_data, save_lm_cache, split_ids
 from rnnkit.data.progress import ByteProgress
 from rnnkit.data.tokenizers import build_tokenizer
 from rnnkit.errors import RnnkitError
@@ -114,6 +114,7 @@ def test_utf16_streams_too(tmp_path, tiny_reads):
 
 @pytest.mark.parametrize(("level", "extra"), [
     ("char", {}),
+    ("char", {"lowercase": True}),
     ("word", {}),
     ("word", {"lowercase": True, "eos": True, "max_vocab": 20}),
     ("word", {"min_freq": 41}),
@@ -243,6 +244,35 @@ def test_ids_writer_fills_in_the_length(tmp_path):
         out.close()
         loaded = np.load(tmp_path / "ids.npy")
         assert loaded.dtype == dtype and np.array_equal(loaded, ids)
+
+
+def test_ids_written_behind_arrive_whole_and_in_order(tmp_path):
+    behind = Behind(depth=2)
+    try:
+        ids = np.arange(300_000, dtype=np.int64) % 65_535
+        out = IdsWriter(tmp_path / "ids.npy", np.dtype(np.uint16), behind=behind)
+        for start in range(0, len(ids), 777):
+            out.write(ids[start : start + 777])
+        out.close()
+        assert np.array_equal(np.load(tmp_path / "ids.npy"), ids)
+    finally:
+        behind.close()
+
+
+def test_an_error_behind_is_raised_to_the_caller():
+    behind = Behind(depth=1)
+    ran = []
+
+    def fail():
+        raise OSError(28, "No space left on device")
+
+    behind.call(fail)
+    with pytest.raises(OSError, match="No space"):
+        behind.call(ran.append, 1)  # waits for the failed call first
+        behind.wait()
+    behind.call(ran.append, 2)
+    behind.close()
+    assert 2 in ran
 
 
 def test_batchers_and_evaluation_read_the_map_as_they_read_an_array(tmp_path):

@@ -1,7 +1,9 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 
-from rnnkit.data.tokenizers import CharTokenizer, ids_dtype, tokenizer_from_dict
+from rnnkit.data.tokenizers import CharSet, CharTokenizer, byte_counts, count_ids, ids_dtype, tokenizer_from_dict
 from rnnkit.errors import RnnkitError
 
 TEXTS = {
@@ -50,6 +52,51 @@ def test_unknown_character_is_named():
         tok.encode("abz")
     assert tok.decode(tok.encode("abzc", unknown="skip")) == "abc"
     assert tok.unknown_in("xaby") == ["x", "y"]
+
+
+@pytest.mark.parametrize("vocab", [
+    "abc \n",  # every id a byte, the largest code point below 128
+    "abcdefghijklmnopqrstuvwxyz ,.\n" + "é東",  # every id a byte, non-ASCII characters too
+    "abcdefghijklmnopqrstuvwxyz ,.\n" + "".join(chr(0x4E00 + i) for i in range(300)),  # two-byte ids
+])
+def test_ascii_text_read_by_its_bytes_gets_the_ids_of_a_dictionary_lookup(vocab):
+    tok = CharTokenizer(chars=sorted(set(vocab)))
+    rng = np.random.default_rng(0)
+    known_ascii = [c for c in tok.chars if c.isascii()]
+    text = "".join(rng.choice(known_ascii, size=3000))
+    ids = tok.encode(text)
+    assert ids.dtype == ids_dtype(tok.vocab_size)
+    assert ids.tolist() == [tok.index[c] for c in text]
+    with pytest.raises(RnnkitError, match="'Z'"):  # an ASCII character the vocabulary lacks
+        tok.encode(text + "Z")
+    assert tok.encode("Z" + text + "Z", unknown="skip").tolist() == ids.tolist()
+    mixed = text[:100] + "東" + text[100:]  # not ASCII: read by code points, same ids
+    if "東" in tok.index:
+        assert tok.encode(mixed).tolist() == [tok.index[c] for c in mixed]
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 65_535, 65_536, 65_537, 200_001])
+def test_byte_counts_equal_bincount(size):
+    raw = np.random.default_rng(size).integers(0, 256, size=size, dtype=np.uint8)
+    assert byte_counts(raw).tolist() == np.bincount(raw, minlength=256).tolist()
+    assert byte_counts(raw[::2]).tolist() == np.bincount(raw[::2], minlength=256).tolist()  # not contiguous
+    assert count_ids(raw, 256, slice_size=70_001) == np.bincount(raw, minlength=256).tolist()
+
+
+def test_count_ids_refuses_an_id_beyond_the_vocabulary():
+    with pytest.raises(ValueError, match="larger id"):
+        count_ids(np.arange(100_000, dtype=np.uint8) % 9, 8)
+
+
+def test_char_set_counts_each_character():
+    pieces = ["hello world\n" * 10_000, "naïve 東京 🙂", "", "plain ascii again\n" * 7000]
+    seen = CharSet()
+    for piece in pieces:
+        seen.add(piece)
+    want = Counter("".join(pieces))
+    assert seen.sorted() == sorted(want)
+    assert seen.counts() == [want[c] for c in sorted(want)]
+    assert seen.chars == sum(map(len, pieces))
 
 
 def test_empty_text_cannot_make_a_vocabulary():

@@ -25,7 +25,9 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,56 @@ def _key(settings: list[Any], stat: list[list[Any]], sha256: str) -> str:
 # ---------------------------------------------------------------- the ids file
 
 
+class Behind:
+    """Calls run in order in one worker thread while the caller goes on (at most ``depth`` waiting).
+
+    For work that releases the GIL, hashing and writing files: on a second core it
+    overlaps the decoding and encoding of the next piece. An exception in a call is
+    raised at the next :meth:`call` or at :meth:`wait`.
+    """
+
+    def __init__(self, depth: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnkit-io")
+        self._pending: deque[Future[Any]] = deque()
+        self._depth = depth
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        """Return once every call made so far has run (raising the first error)."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+class HashBehind:
+    """A hashlib object updated in a worker thread (:class:`Behind`): ``update`` returns at once."""
+
+    def __init__(self, digest: Any, behind: Behind) -> None:
+        self._digest = digest
+        self._behind = behind
+
+    def update(self, data: bytes) -> None:
+        self._behind.call(self._digest.update, data)
+
+    def hexdigest(self) -> str:
+        self._behind.wait()
+        return str(self._digest.hexdigest())
+
+
 class IdsWriter:
     """Write ids to an ``.npy`` file as they come, the length filled in at the end.
 
@@ -138,19 +190,29 @@ class IdsWriter:
 
     HEADER = 128
 
-    def __init__(self, path: Path, dtype: np.dtype) -> None:
+    def __init__(self, path: Path, dtype: np.dtype, *, behind: Behind | None = None) -> None:
         self.path = path
         self.dtype = np.dtype(dtype)
         self.count = 0
+        self._behind = behind  # writes made in its thread, when given
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._file.write(b" " * self.HEADER)
 
     def write(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=self.dtype)
-        self._file.write(memoryview(ids).cast("B"))
+        if self._behind is not None:
+            self._behind.call(self._file.write, memoryview(ids).cast("B"))
+        else:
+            self._file.write(memoryview(ids).cast("B"))
         self.count += len(ids)
 
     def close(self) -> None:
+        if self._behind is not None:
+            try:
+                self._behind.wait()
+            except BaseException:
+                self._file.close()
+                raise
         fields = f"{{'descr': {np.lib.format.dtype_to_descr(self.dtype)!r}, 'fortran_order': False, " \
                  f"'shape': ({self.count},), }}"
         header = fields.ljust(self.HEADER - 10 - 1) + "\n"
@@ -311,7 +373,7 @@ def _changed(source: str) -> RnnkitError:
 
 
 def _vocabulary_pass(files: corpora.TextFiles, config: DataConfig, *, digest: Any, bar: ByteProgress, staging: Path,
-                     windows: list[tuple[int, int]]) -> tuple[Tokenizer, int, np.ndarray | None, int]:
+                     windows: list[tuple[int, int]], behind: Behind) -> tuple[Tokenizer, int, np.ndarray | None, int]:
     """Pass one: the tokenizer and the text's characters; word level also its provisional ids.
 
     Returns (tokenizer, characters, word level's final number of each provisional id
@@ -325,10 +387,11 @@ def _vocabulary_pass(files: corpora.TextFiles, config: DataConfig, *, digest: An
             chars += len(piece)
             for part in char_pieces(piece, lowercase=config.lowercase):  # what `encode` will see
                 seen.add(part)
-        return CharTokenizer(chars=seen.sorted(), lowercase=config.lowercase), chars, None, 0
+        # Counted here, as `encode` will read them: pass two only encodes.
+        return CharTokenizer(chars=seen.sorted(), lowercase=config.lowercase, counts=seen.counts()), chars, None, 0
     if level == "word":
         counter = WordCounter(lowercase=config.lowercase, eos=config.eos)
-        out = IdsWriter(staging / "pieces.npy", np.dtype(np.uint32))
+        out = IdsWriter(staging / "pieces.npy", np.dtype(np.uint32), behind=behind)
         try:
             for piece in cut_after_space(files.pieces(digest=digest, on_bytes=bar.advance)):
                 chars += len(piece)
@@ -366,22 +429,34 @@ def _vocabulary_pass(files: corpora.TextFiles, config: DataConfig, *, digest: An
 def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: list[list[Any]], staging: Path,
            log: Log | None, live: bool | None) -> tuple[Tokenizer, str, int]:
     """Both passes into ``staging/ids.npy``: the tokenizer (with counts), the text's sha256, its characters."""
+    behind = Behind()  # hashing and writing, in a thread of their own
+    try:
+        return _build_both(files, config, source=source, stat=stat, staging=staging, log=log, live=live,
+                           behind=behind)
+    finally:
+        behind.close()
+
+
+def _build_both(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: list[list[Any]], staging: Path,
+                log: Log | None, live: bool | None, behind: Behind) -> tuple[Tokenizer, str, int]:
     total = sum(size for _, size, _ in stat)
-    first = hashlib.sha256()
+    first = HashBehind(hashlib.sha256(), behind)
     label = f"pass 1/2, {config.level} vocabulary"
     windows = sample_windows(total, int(config.bpe_sample_mb * 1e6))
     if config.level == "bpe" and len(windows) > 1:
         label += f" (trained on {config.bpe_sample_mb:g} MB of the text from {len(windows)} places: --bpe-sample-mb)"
     with ByteProgress(label, total, log=log, live=live) as bar:
         tokenizer, chars, word_final, provisional = _vocabulary_pass(files, config, digest=first, bar=bar,
-                                                                     staging=staging, windows=windows)
+                                                                     staging=staging, windows=windows, behind=behind)
     sha = first.hexdigest()
     if [list(f) for f in files.stat()] != stat:
         raise _changed(source)
 
     vocab = tokenizer.vocab_size
     counts = np.zeros(vocab, dtype=np.int64)
-    out = IdsWriter(staging / IDS_FILE, ids_dtype(vocab))
+    if config.level == "char":
+        counts += tokenizer.counts  # counted in pass one
+    out = IdsWriter(staging / IDS_FILE, ids_dtype(vocab), behind=behind)
     try:
         if word_final is not None:
             with ByteProgress("pass 2/2, numbering the words", provisional * 4, log=log, live=live) as bar, \
@@ -395,11 +470,12 @@ def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: l
                     bar.advance(4 * len(block))
             (staging / "pieces.npy").unlink()
         else:
-            second = hashlib.sha256()
+            second = HashBehind(hashlib.sha256(), behind)
             with ByteProgress(f"pass 2/2, encoding to {IDS_FILE}", total, log=log, live=live) as bar:
                 try:
                     for ids in encode_pieces(tokenizer, files.pieces(digest=second, on_bytes=bar.advance)):
-                        counts += count_ids(ids, vocab)
+                        if config.level != "char":
+                            counts += count_ids(ids, vocab)
                         out.write(ids)
                 except RnnkitError:
                     # Characters pass one never saw, or bytes it read as valid: the files changed.
