@@ -206,3 +206,14 @@ def test_reading_errors_outside_the_sample_still_stop_the_first_pass(tmp_path):
     config = DataConfig(text=str(path), level="bpe", vocab_size=300, seq_len=8, bpe_sample_mb=0.001)
     with pytest.raises(corpora.RnnkitError, match=f"byte 0xff at byte offset {len(text)}"):
         prepare_lm_data(config)
+
+
+def test_code_points_classed_as_they_are_met_get_the_full_table_s_classes():
+    rng = np.random.default_rng(3)
+    table = bpe_fast.char_classes()
+    met = bpe_fast.CharClasses()
+    for _ in range(5):  # batches meeting new and known code points, in any order
+        cp = rng.integers(0, 0x110000, size=5000).astype(np.uint32)
+        cp[:100] = rng.integers(0, 0x80, size=100)
+        assert np.array_equal(met.of(cp), table[cp])
+    assert met.of(np.zeros(0, dtype=np.uint32)).tolist() == []

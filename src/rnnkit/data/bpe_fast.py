@@ -48,16 +48,44 @@ MAX_PIECES = 1_000_000
 _GROUP = 1 << 14
 
 
+_GROUPS = {"L": _L, "N": _N, "Z": _O, "C": _O, "M": _O, "P": _O, "S": _O}
+_UNSEEN = 255
+
+
+def _class_of(code: int) -> int:
+    if code in _SPACE_CONTROLS:
+        return _W
+    cat = unicodedata.category(chr(code))
+    return _UNKNOWN if cat == "Cn" else _W if cat in ("Zs", "Zl", "Zp") else _GROUPS[cat[0]]
+
+
+class CharClasses:
+    """The class of each code point: letter, number, white space, other, or unknown (unassigned here).
+
+    Looked up in ``unicodedata`` the first time a code point is met and kept in a
+    table of all 1,114,112: a text meets a few thousand, and classing them all
+    up front would cost ~0.7 s of every process that encodes.
+    """
+
+    def __init__(self) -> None:
+        self._table = np.full(0x110000, _UNSEEN, dtype=np.uint8)
+        self._lock = threading.Lock()
+
+    def of(self, cp: np.ndarray) -> np.ndarray:
+        """The classes of the code points ``cp`` (uint8, one per code point)."""
+        classes = self._table[cp]
+        if len(classes) and classes.max() == _UNSEEN:
+            with self._lock:
+                new = np.unique(cp[classes == _UNSEEN])
+                self._table[new] = [_class_of(code) for code in new.tolist()]
+            classes = self._table[cp]
+        return classes
+
+
 @functools.cache
 def char_classes() -> np.ndarray:
-    """The class of every code point (uint8): letter, number, white space, other, or unknown (unassigned here)."""
-    group = {"L": _L, "N": _N, "Z": _O, "C": _O, "M": _O, "P": _O, "S": _O}
-    table = np.empty(0x110000, dtype=np.uint8)
-    for code in range(0x110000):
-        cat = unicodedata.category(chr(code))
-        table[code] = _UNKNOWN if cat == "Cn" else _W if cat in ("Zs", "Zl", "Zp") else group[cat[0]]
-    table[list(_SPACE_CONTROLS)] = _W
-    return table
+    """The class of every code point (uint8), as :class:`CharClasses` gives it."""
+    return CharClasses().of(np.arange(0x110000, dtype=np.uint32))
 
 
 def supports(hf_config: dict[str, Any]) -> bool:
@@ -237,7 +265,7 @@ class FastByteLevelBPE:
 
     def __init__(self, hf: Any) -> None:
         self.hf = hf
-        self.classes = char_classes()
+        self.classes = CharClasses()
         self._powers = _Powers()
         self._lock = threading.Lock()  # the store: one batch at a time (a server encodes in threads)
         self._reset()
@@ -281,7 +309,7 @@ class FastByteLevelBPE:
         """Cut the chunks into pieces and hash them (None: a code point this Python does not know)."""
         text = "".join(chunks)
         cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        classes = self.classes[cp]
+        classes = self.classes.of(cp)
         if not text or (classes == _UNKNOWN).any():
             return _Batch(chunks, text)
         lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
@@ -396,8 +424,8 @@ class FastByteLevelBPE:
             return self._numbers(hashes, text, starts, ends)
         at = miss[first]
         pieces = [text[s:e] for s, e in zip(starts[at].tolist(), ends[at].tolist(), strict=True)]
-        flat, id_sizes = self._piece_ids(pieces, self.classes[np.frombuffer(
-            "".join(p[-1] for p in pieces).encode("utf-32-le"), dtype=np.uint32)] == _W)
+        flat, id_sizes = self._piece_ids(pieces, self.classes.of(np.frombuffer(
+            "".join(p[-1] for p in pieces).encode("utf-32-le"), dtype=np.uint32)) == _W)
         new = np.arange(self.pieces, self.pieces + len(pieces))
         self._chars.extend(np.frombuffer("".join(pieces).encode("utf-32-le"), dtype=np.uint32))
         self._char_off.extend(self._char_off.last + np.cumsum(ends[at] - starts[at]))
