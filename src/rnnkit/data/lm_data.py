@@ -439,6 +439,7 @@ def _build(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: l
 
 def _build_both(files: corpora.TextFiles, config: DataConfig, *, source: str, stat: list[list[Any]], staging: Path,
                 log: Log | None, live: bool | None, behind: Behind) -> tuple[Tokenizer, str, int]:
+    """:func:`_build`'s two passes, hashing and writing through ``behind``."""
     total = sum(size for _, size, _ in stat)
     first = HashBehind(hashlib.sha256(), behind)
     label = f"pass 1/2, {config.level} vocabulary"
@@ -453,9 +454,8 @@ def _build_both(files: corpora.TextFiles, config: DataConfig, *, source: str, st
         raise _changed(source)
 
     vocab = tokenizer.vocab_size
-    counts = np.zeros(vocab, dtype=np.int64)
-    if config.level == "char":
-        counts += tokenizer.counts  # counted in pass one
+    counted = config.level == "char"  # pass one counted the characters as `encode` reads them
+    counts = np.array(tokenizer.counts, dtype=np.int64) if counted else np.zeros(vocab, dtype=np.int64)
     out = IdsWriter(staging / IDS_FILE, ids_dtype(vocab), behind=behind)
     try:
         if word_final is not None:
@@ -474,7 +474,7 @@ def _build_both(files: corpora.TextFiles, config: DataConfig, *, source: str, st
             with ByteProgress(f"pass 2/2, encoding to {IDS_FILE}", total, log=log, live=live) as bar:
                 try:
                     for ids in encode_pieces(tokenizer, files.pieces(digest=second, on_bytes=bar.advance)):
-                        if config.level != "char":
+                        if not counted:
                             counts += count_ids(ids, vocab)
                         out.write(ids)
                 except RnnkitError:
